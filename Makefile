@@ -1,0 +1,29 @@
+# Each target sets itself up: a local .venv with the extras it needs, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# One stamp per set of extras, redone when pyproject.toml changes.
+$(VENV)/.stamp-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[$(subst +,$(comma),$*)]'
+	touch $@
+
+comma := ,
+
+demo: $(VENV)/.stamp-plot
+	$(PY) examples/exploding_rnn.py
+
+test: $(VENV)/.stamp-test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.stamp-test
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
