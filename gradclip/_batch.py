@@ -1,0 +1,72 @@
+"""The validated leaves of one call: flattened, checked, de-duplicated, grouped.
+
+Everything that can fail is checked here, for every leaf, before any kernel runs.
+The same array object at several positions is one *unique* leaf: counted once in
+totals and updated once; per-position results are gathered back through
+``unique_of``.
+"""
+
+import numpy as np
+
+from . import _checks, _dispatch, _table, _tree
+
+
+class Batch:
+    """Leaves of one call.
+
+    Attributes
+    ----------
+    treedef : the container structure (for out-of-place results).
+    arrays : list of numpy.ndarray, one per unique leaf.
+    unique_of : int64 array, the unique leaf at each position.
+    tables : list of ``_table.Table``, one per dtype.
+    """
+
+    __slots__ = ("treedef", "arrays", "unique_of", "tables", "_originals")
+
+    def __init__(self, treedef, arrays, unique_of, tables, originals):
+        self.treedef = treedef
+        self.arrays = arrays
+        self.unique_of = unique_of
+        self.tables = tables
+        self._originals = originals
+
+    def leaf_was_scalar(self, unique):
+        return isinstance(self._originals[unique], np.generic)
+
+
+def collect(grads, function, *, writes=False, real_only=False):
+    """Flatten and validate ``grads`` for ``function`` (its name, for messages).
+
+    ``writes``: the call updates leaves in place (they must be writable, without
+    repeated elements). ``real_only``: complex leaves are refused.
+    """
+    leaves, treedef = _tree.flatten(grads)
+    index = {}
+    arrays, originals, unique_of = [], [], []
+    for position, leaf in enumerate(leaves):
+        unique = index.get(id(leaf))
+        if unique is None:
+            where = lambda position=position: _tree.path(treedef, position)  # noqa: E731
+            array = _dispatch.as_cpu_array(leaf, where)
+            _check(array, where, function, writes, real_only)
+            unique = index[id(leaf)] = len(arrays)
+            arrays.append(array)
+            originals.append(leaf)
+        unique_of.append(unique)
+    groups = {}
+    for unique, array in enumerate(arrays):
+        groups.setdefault(array.dtype, []).append(unique)
+    tables = [_table.build(dtype, [arrays[u] for u in ids], ids) for dtype, ids in groups.items()]
+    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables, originals)
+
+
+def _check(array, where, function, writes, real_only):
+    _checks.check_dtype(where, array.dtype)
+    if real_only:
+        _checks.check_real(where, array.dtype, function)
+    _checks.check_aligned(where, array)
+    _checks.check_layout(where, array)
+    if writes:
+        _checks.check_writable(where, array, function)
+        _checks.check_no_overlap(where, array, function)

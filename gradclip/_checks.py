@@ -1,0 +1,131 @@
+"""Every validation gradclip performs, and every message it raises.
+
+Checks run before any memory is touched, so a failed call leaves every array
+as it was. Messages say what is wrong, where (the leaf's path), what was
+expected, and how to fix it. ``where`` is a callable returning the leaf's path:
+it is only worked out when a message is raised.
+"""
+
+import numbers
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
+
+
+class NonFiniteGradientError(FloatingPointError, RuntimeError):
+    """The total gradient norm is NaN or infinite (raised with ``error_if_nonfinite=True``)."""
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def nonnegative(name, value):
+    """``value`` as a float >= 0 (inf allowed); ValueError for negatives and NaN."""
+    x = _real(name, value)
+    if not x >= 0:
+        raise ValueError(f"{name} must be >= 0 (inf is allowed); got {value!r}")
+    return x
+
+
+def norm_type(value):
+    """``value`` as a float p > 0 (inf allowed)."""
+    p = _real("norm_type", value)
+    if not p > 0:
+        raise ValueError(f"norm_type must be > 0 or inf; got {value!r}")
+    return p
+
+
+def total_norm(value):
+    """A norm computed elsewhere: >= 0, or non-finite (which means: do not clip)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"total_norm must be a real number or a 0-d array; got {type(value).__name__}"
+        ) from None
+    if x < 0:
+        raise ValueError(f"total_norm must be >= 0 (or NaN/inf to skip clipping); got {x!r}")
+    return x
+
+
+def raise_nonfinite(total):
+    raise NonFiniteGradientError(
+        f"the total gradient norm is non-finite ({total}); the gradients were left untouched. "
+        "Skip this step, or pass error_if_nonfinite=False to get the norm back instead."
+    )
+
+
+def not_an_array(where, leaf):
+    return TypeError(
+        f"{where()} is a {type(leaf).__name__}; expected an array (numpy.ndarray, or an object "
+        "with __dlpack__ or __cuda_array_interface__), a container of arrays, or None"
+    )
+
+
+def cuda_unavailable(where, leaf):
+    return NotImplementedError(
+        f"{where()} is a CUDA array ({type(leaf).__module__}.{type(leaf).__name__}), and this "
+        "gradclip has no CUDA backend yet (gradclip._kernels.cuda); move the gradients to "
+        "the host first (e.g. cupy.asnumpy, tensor.cpu())"
+    )
+
+
+def dlpack_failed(where, leaf, error):
+    return TypeError(
+        f"{where()} ({type(leaf).__module__}.{type(leaf).__name__}) could not be viewed as a "
+        f"NumPy array through DLPack: {error}"
+    )
+
+
+def check_dtype(where, dtype):
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{where()} has dtype {dtype}; expected one of {', '.join(SUPPORTED_DTYPES)} "
+            "(convert it, e.g. with .astype(np.float32))"
+        )
+    if not dtype.isnative:
+        raise TypeError(
+            f"{where()} has non-native byte order ({dtype.str}); convert it with "
+            ".astype(dtype.newbyteorder('='))"
+        )
+
+
+def check_real(where, dtype, function):
+    if dtype.kind == "c":
+        raise TypeError(
+            f"{where()} has dtype {dtype}; {function} clamps real values and complex numbers have "
+            "no order (clip by norm instead, or clamp .real and .imag yourself)"
+        )
+
+
+def check_writable(where, array, function):
+    if not array.flags.writeable:
+        twin = function.rstrip("_")
+        hint = f"use {twin}(...), the out-of-place twin" if twin != function else "pass a writable copy"
+        raise ValueError(f"{where()} is read-only and {function} writes in place; {hint}")
+
+
+def check_aligned(where, array):
+    if not array.flags.aligned:
+        raise ValueError(
+            f"{where()} is not aligned to its {array.dtype} elements; pass an aligned copy "
+            "(np.array(x)) instead"
+        )
+
+
+def check_layout(where, array):
+    if any(s % array.itemsize for s in array.strides):
+        raise ValueError(
+            f"{where()} has strides {array.strides} that are not multiples of its itemsize "
+            f"{array.itemsize}; pass a copy (np.array(x)) instead"
+        )
+
+
+def check_no_overlap(where, array, function):
+    if any(s == 0 and n > 1 for n, s in zip(array.shape, array.strides)):
+        raise ValueError(
+            f"{where()} repeats elements (a zero stride, e.g. from broadcasting), so {function} "
+            "would update them more than once; pass a copy (np.array(x)) instead"
+        )

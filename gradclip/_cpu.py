@@ -1,0 +1,100 @@
+"""Norms, scaling, clamping and finite checks of a ``Batch`` with the CPU kernels.
+
+Per-leaf results are indexed by unique leaf (``Batch.arrays``).
+"""
+
+import math
+
+import numpy as np
+
+from ._kernels import cpu as kernels
+
+_TINY = 2.0**-900
+"""A float64 sum below this may have lost bits to underflow."""
+
+
+def _run(op, batch, out, p=2.0, leaf_arg=None, leaf_mask=None):
+    for table in batch.tables:
+        if leaf_mask is not None:
+            table = table.select(leaf_mask)
+        if table.size:
+            kernels.reduce_table(op, table, out, p, leaf_arg)
+
+
+def leaf_norms(batch, p):
+    """The p-norm of every unique leaf, in float64.
+
+    p = 1 and 2 take one pass. A leaf whose sum overflowed, or whose float64
+    elements may have underflowed, is redone scaled by its largest magnitude, as
+    is every leaf for other p (where ``|x|**p`` overflows easily).
+    """
+    n = len(batch.arrays)
+    if p == math.inf:
+        out = np.zeros(n)
+        _run(kernels.MAXABS, batch, out)
+        return out
+    if p not in (1.0, 2.0):
+        return _scaled_norms(batch, p, np.ones(n, dtype=bool))
+    sums = np.zeros(n)
+    _run(kernels.SUMSQ if p == 2.0 else kernels.SUMABS, batch, sums)
+    norms = np.sqrt(sums) if p == 2.0 else sums
+    suspect = ~(sums >= _TINY) | (sums == math.inf)
+    if suspect.any():
+        wide = np.array([a.dtype.itemsize == 8 * (1 + (a.dtype.kind == "c")) for a in batch.arrays])
+        suspect &= wide | ~np.isfinite(sums)
+        if suspect.any():
+            norms[suspect] = _scaled_norms(batch, p, suspect)[suspect]
+    return norms
+
+
+def _scaled_norms(batch, p, leaf_mask):
+    """``m * (sum (|x| / m)**p) ** (1/p)`` with ``m`` the largest magnitude of each leaf."""
+    peak = np.zeros(leaf_mask.size)
+    _run(kernels.MAXABS, batch, peak, leaf_mask=leaf_mask)
+    regular = leaf_mask & np.isfinite(peak) & (peak > 0)
+    sums = np.zeros(leaf_mask.size)
+    if regular.any():
+        _run(kernels.SUMPOW, batch, sums, p, leaf_arg=peak, leaf_mask=regular)
+    with np.errstate(divide="ignore"):
+        return np.where(regular, peak * sums ** (1.0 / p), peak)
+
+
+def total_norm(norms, p):
+    """The p-norm of a vector of leaf norms, as a float (NaN wins over inf)."""
+    if norms.size == 0:
+        return 0.0
+    if np.isnan(norms).any():
+        return math.nan
+    peak = float(norms.max())
+    if p == math.inf or peak in (0.0, math.inf):
+        return peak
+    return peak * float(np.sum((norms / peak) ** p)) ** (1.0 / p)
+
+
+def scale_(batch, coef):
+    """Multiply every element of unique leaf ``u`` by ``coef[u]``; leaves with 1 are not touched."""
+    _update(kernels.SCALE, batch, leaf_arg=coef, leaf_mask=coef != 1.0)
+
+
+def clamp_(batch, bound):
+    _update(kernels.CLAMP, batch, bound=bound)
+
+
+def count_nonfinite(batch):
+    counts = np.zeros(len(batch.arrays))
+    _run(kernels.NONFINITE, batch, counts)
+    return int(counts.sum())
+
+
+def zero_nonfinite_(batch):
+    return _update(kernels.ZERO_NONFINITE, batch)
+
+
+def _update(op, batch, leaf_arg=None, bound=0.0, leaf_mask=None):
+    changed = 0
+    for table in batch.tables:
+        if leaf_mask is not None:
+            table = table.select(leaf_mask)
+        if table.size:
+            changed += kernels.update_table(op, table, leaf_arg, bound)
+    return changed

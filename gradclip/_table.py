@@ -1,0 +1,83 @@
+"""Describe leaves to the CPU kernels as tables of strided runs.
+
+A leaf of any shape and strides is a set of rows ``(address, count, step)``:
+runs of ``count`` elements ``step`` elements apart. Axes are reordered by stride
+and negative strides flipped (every kernel is elementwise or an
+order-independent reduction), then adjacent axes that tile each other are
+merged, so C-, Fortran-order, transposed and reversed arrays are one contiguous
+row and a stepped slice is one row per outer index. Nothing is copied: the
+kernels read and write the leaves' own memory.
+"""
+
+import numpy as np
+
+# The integer type each format travels as inside the kernels (see kernels/cpu.py).
+_KERNEL_DTYPE = {"float16": np.uint16, "bfloat16": np.int16}
+
+
+class Table:
+    """Rows of one dtype: ``addr``, ``count``, ``step`` and owning ``seg_leaf``."""
+
+    __slots__ = ("addr", "count", "step", "seg_leaf", "witness", "size")
+
+    def __init__(self, addr, count, step, seg_leaf, witness):
+        self.addr = addr
+        self.count = count
+        self.step = step
+        self.seg_leaf = seg_leaf
+        self.witness = witness  # an empty array of the kernels' element type
+        self.size = int(count.sum())
+
+    def select(self, leaf_mask):
+        """The rows of the leaves where ``leaf_mask`` (indexed by leaf) is true."""
+        keep = leaf_mask[self.seg_leaf]
+        return Table(self.addr[keep], self.count[keep], self.step[keep], self.seg_leaf[keep], self.witness)
+
+
+def build(dtype, arrays, leaf_ids):
+    """The table of ``arrays`` (all of ``dtype``), row owners from ``leaf_ids``."""
+    flat_addr, flat_count, flat_leaf = [], [], []  # one contiguous row per leaf
+    strided = []  # (addr, count, step, leaf) columns of the other leaves
+    for array, leaf in zip(arrays, leaf_ids):
+        if array.size == 0:
+            continue
+        if array.flags.c_contiguous or array.flags.f_contiguous:
+            flat_addr.append(array.__array_interface__["data"][0])
+            flat_count.append(array.size)
+            flat_leaf.append(leaf)
+            continue
+        starts, n, step = _runs(array)
+        rows = len(starts)
+        strided.append((starts, np.full(rows, n), np.full(rows, step), np.full(rows, leaf)))
+    columns = [
+        np.concatenate([np.array(flat, dtype=np.int64), *(rows[i] for rows in strided)]).astype(np.int64)
+        for i, flat in enumerate((flat_addr, flat_count, [1] * len(flat_addr), flat_leaf))
+    ]
+    witness = np.empty(0, _KERNEL_DTYPE.get(dtype.name, dtype))
+    return Table(*columns, witness)
+
+
+def _runs(array):
+    """Start addresses, length and step (in elements) of the runs covering ``array``."""
+    base = array.__array_interface__["data"][0]
+    axes = []
+    for n, s in zip(array.shape, array.strides):
+        if n == 1:
+            continue
+        if s < 0:
+            base += (n - 1) * s
+            s = -s
+        axes.append((n, s))
+    axes.sort(key=lambda axis: axis[1])  # innermost (smallest stride) first
+    merged = [axes[0]]
+    for n, s in axes[1:]:
+        inner_n, inner_s = merged[-1]
+        if s == inner_n * inner_s:
+            merged[-1] = (inner_n * n, inner_s)
+        else:
+            merged.append((n, s))
+    (n, s), outer = merged[0], merged[1:]
+    offsets = np.zeros(1, dtype=np.int64)
+    for m, t in outer:
+        offsets = (offsets[:, None] + np.arange(m, dtype=np.int64) * t).ravel()
+    return base + offsets, n, s // array.itemsize

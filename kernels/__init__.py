@@ -1,0 +1,5 @@
+"""Numba kernels behind gradclip (installed as ``gradclip._kernels``).
+
+``cpu`` holds the ``@njit`` kernels. Nothing here is compiled at import time:
+every kernel compiles on its first call and is cached on disk.
+"""

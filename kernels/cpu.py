@@ -1,0 +1,439 @@
+"""CPU kernels: ``@njit`` reductions and in-place updates over tables of strided runs.
+
+The caller (``gradclip._table``) describes every leaf of one dtype as rows of a
+table: ``addr[r]`` (the address of the first element), ``count[r]`` (how many
+elements) and ``step[r]`` (the distance between them, in elements, >= 1), plus
+``seg_leaf[r]``, the leaf the row belongs to. One kernel call then processes every
+leaf of the group, whatever their number, shape or strides.
+
+Work is split into chunks of at most ``CHUNK`` elements of one row. The split
+depends only on the table, never on the thread count, and partial results are
+folded serially in chunk order, so reductions are bit-identical for any
+``NUMBA_NUM_THREADS``. Small tables run a serial driver (no thread start-up);
+large ones run the same chunks under ``prange``.
+
+Element types: float32, float64, complex64 and complex128 are used as they are.
+Numba's CPU target has no float16 and knows no bfloat16, so both travel as their
+16-bit patterns: float16 as ``uint16``, bfloat16 as ``int16`` (the two integer
+types keep the two formats apart at compile time). ``_widen`` decodes an element
+exactly to float64 (or complex128); ``_narrow`` rounds a float64 result back to
+the element type, once, to nearest-even.
+
+Accumulation is in float64. ``fastmath`` allows reassociation and contraction
+(needed to vectorise the sums) but never ``nnan``/``ninf``: NaN and inf must be
+seen.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+CHUNK = 1 << 14
+"""Elements per chunk: the unit of work and of partial sums."""
+
+PARALLEL_MIN = 1 << 16
+"""Tables with fewer elements than this run serially."""
+
+FAST = {"reassoc", "contract"}
+
+# Reduction ops (``reduce_table``) and update ops (``update_table``).
+SUMSQ, SUMABS, SUMPOW, MAXABS, NONFINITE = range(5)
+SCALE, CLAMP, ZERO_NONFINITE = range(3)
+
+
+# ---------------------------------------------------------------- bit casts
+
+
+@intrinsic
+def _voidptr(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.intp), codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+# ------------------------------------------------------ half-precision codecs
+
+
+@njit
+def _f16_to_f32(h):
+    """float16 bits -> float32, exactly (subnormals, inf and NaN included)."""
+    h = np.uint32(np.uint16(h))
+    mag = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
+        f = _f32_from_bits(mag | np.uint32(0x7F800000))
+    else:
+        # Re-bias the exponent by multiplying: also right for subnormals.
+        f = _f32_from_bits(mag) * np.float32(2.0**112)
+    return -f if h & np.uint32(0x8000) else f
+
+
+@njit
+def _bf16_to_f32(h):
+    """bfloat16 bits -> float32, exactly: bfloat16 is float32's upper half."""
+    return _f32_from_bits(np.uint32(np.uint16(h)) << np.uint32(16))
+
+
+@njit
+def _f64_to_f32_odd(y):
+    """float64 -> float32 bits rounded to odd.
+
+    Rounding to odd first and to nearest-even second equals one rounding to
+    nearest-even whenever the intermediate keeps two more bits than the target,
+    which float32 does for both half formats.
+    """
+    f = np.float32(y)
+    b = _f32_bits(f)
+    if np.float64(f) != y and (b & np.uint32(1)) == 0 and y == y:
+        if abs(np.float64(f)) > abs(y):
+            b -= np.uint32(1)
+        else:
+            b += np.uint32(1)
+    return b
+
+
+@njit
+def _f32_to_bf16(b):
+    """float32 bits -> bfloat16 bits, round to nearest-even, NaN kept quiet."""
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return (b >> np.uint32(16)) | np.uint32(0x0040)
+    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@njit
+def _f32_to_f16(b):
+    """float32 bits -> float16 bits, round to nearest-even."""
+    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
+    a = b & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):  # NaN
+        h = np.uint32(0x7E00)
+    elif a >= np.uint32(0x477FF000):  # >= 65520 rounds to inf
+        h = np.uint32(0x7C00)
+    elif a >= np.uint32(0x38800000):  # normal float16 (>= 2**-14)
+        r = a - np.uint32(0x38000000)
+        h = (r + np.uint32(0x0FFF) + ((r >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    else:  # subnormal float16 or zero: count units of 2**-24, to nearest-even
+        h = np.uint32(np.rint(np.float64(_f32_from_bits(a)) * 16777216.0))
+    return h | sign
+
+
+# ------------------------------------------- element decode / encode by type
+
+
+def _widen(x):
+    """An element as float64 (or complex128), exactly."""
+
+
+def _narrow(y, like):
+    """``y`` (float64 / complex128) rounded once to the element type of ``like``."""
+
+
+@overload(_widen)
+def _widen_impl(x):
+    if isinstance(x, types.Float):
+        return lambda x: np.float64(x)
+    if isinstance(x, types.Complex):
+        return lambda x: np.complex128(x)
+    if x == types.uint16:
+        return lambda x: np.float64(_f16_to_f32(x))
+    if x == types.int16:
+        return lambda x: np.float64(_bf16_to_f32(x))
+    return None
+
+
+@overload(_narrow)
+def _narrow_impl(y, like):
+    dtype = like.dtype
+    if dtype == types.uint16:
+        return lambda y, like: np.uint16(_f32_to_f16(_f64_to_f32_odd(y)))
+    if dtype == types.int16:
+        return lambda y, like: np.int16(np.uint16(_f32_to_bf16(_f64_to_f32_odd(y))))
+    if isinstance(dtype, (types.Float, types.Complex)):
+        return lambda y, like: dtype(y)
+    return None
+
+
+def _finite_or_zero(x):
+    """``x`` with every non-finite part replaced by 0."""
+
+
+@overload(_finite_or_zero)
+def _finite_or_zero_impl(x):
+    if isinstance(x, types.Complex):
+        return lambda x: complex(_finite_or_zero(x.real), _finite_or_zero(x.imag))
+    return lambda x: x if np.isfinite(x) else 0.0
+
+
+@njit
+def _isfinite(x):
+    return np.isfinite(x.real) and np.isfinite(x.imag)
+
+
+# ------------------------------------------------------------ chunk kernels
+# Each takes a 1-d view (contiguous or strided) of at most CHUNK elements.
+
+
+@njit(fastmath=FAST, cache=True)
+def sumsq_cpu(v):
+    """Sum of |x|**2 in float64."""
+    s = 0.0
+    for i in range(v.size):
+        x = _widen(v[i])
+        s += x.real * x.real + x.imag * x.imag
+    return s
+
+
+@njit(fastmath=FAST, cache=True)
+def sumabs_cpu(v):
+    """Sum of |x| in float64."""
+    s = 0.0
+    for i in range(v.size):
+        s += abs(_widen(v[i]))
+    return s
+
+
+@njit(fastmath=FAST, cache=True)
+def sumpow_cpu(v, p, scale):
+    """Sum of (|x| / scale)**p in float64; ``scale`` (the max |x|) keeps it finite."""
+    s = 0.0
+    for i in range(v.size):
+        s += (abs(_widen(v[i])) / scale) ** p
+    return s
+
+
+@njit(cache=True)
+def maxabs_cpu(v):
+    """Largest |x|; NaN if any element is NaN."""
+    m = 0.0
+    nan = False
+    for i in range(v.size):
+        a = abs(_widen(v[i]))
+        m = max(m, a)
+        nan |= a != a
+    return np.nan if nan else m
+
+
+@njit(cache=True)
+def nonfinite_cpu(v):
+    """Number of elements that are NaN or +-inf."""
+    n = 0
+    for i in range(v.size):
+        n += not _isfinite(_widen(v[i]))
+    return n
+
+
+@njit(fastmath=FAST, cache=True)
+def scale_cpu_(v, coef):
+    """x <- round(x * coef), the product taken in float64."""
+    for i in range(v.size):
+        v[i] = _narrow(_widen(v[i]) * coef, v)
+
+
+@njit(cache=True)
+def clamp_cpu_(v, bound):
+    """x <- min(max(x, -bound), bound); NaN stays NaN.
+
+    The bound is rounded to the element type first; comparing with the rounded
+    bound selects the same elements as comparing with the exact one.
+    """
+    hi = _narrow(bound, v)
+    lo = _narrow(-bound, v)
+    hi_value = _widen(hi)
+    for i in range(v.size):
+        x = _widen(v[i])
+        if x > hi_value:
+            v[i] = hi
+        elif x < -hi_value:
+            v[i] = lo
+
+
+@njit(cache=True)
+def zero_nonfinite_cpu_(v):
+    """Non-finite parts -> 0 (only those are written); returns the elements changed."""
+    n = 0
+    for i in range(v.size):
+        x = _widen(v[i])
+        if not _isfinite(x):
+            v[i] = _narrow(_finite_or_zero(x), v)
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------ drivers
+
+
+@njit(cache=True)
+def _chunk_starts(count):
+    """First chunk index of every row; the last entry is the number of chunks."""
+    first = np.empty(count.size + 1, np.int64)
+    first[0] = 0
+    for r in range(count.size):
+        first[r + 1] = first[r] + (count[r] + CHUNK - 1) // CHUNK
+    return first
+
+
+@njit
+def _chunk_row(k, first, count):
+    """Row, first element and length of chunk ``k``."""
+    r = np.searchsorted(first, k, side="right") - 1
+    lo = (k - first[r]) * CHUNK
+    return r, lo, min(CHUNK, count[r] - lo)
+
+
+@njit
+def _reduce_chunk(op, v, p, scale):
+    if op == SUMSQ:
+        return sumsq_cpu(v)
+    if op == SUMABS:
+        return sumabs_cpu(v)
+    if op == SUMPOW:
+        return sumpow_cpu(v, p, scale)
+    if op == MAXABS:
+        return maxabs_cpu(v)
+    return np.float64(nonfinite_cpu(v))
+
+
+@njit
+def _reduce_at(op, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness):
+    r, lo, n = _chunk_row(k, first, count)
+    start = addr[r] + lo * step[r] * witness.itemsize
+    scale = leaf_arg[seg_leaf[r]]
+    if step[r] == 1:
+        v = numba.carray(_voidptr(start), (n,), witness.dtype)
+        return _reduce_chunk(op, v, p, scale)
+    w = numba.carray(_voidptr(start), ((n - 1) * step[r] + 1,), witness.dtype)
+    return _reduce_chunk(op, w[:: step[r]], p, scale)
+
+
+def _update_chunk(op, v, coef, bound):
+    """Run update ``op`` on one chunk; returns the elements it changed (zeroing only)."""
+
+
+@overload(_update_chunk)
+def _update_chunk_impl(op, v, coef, bound):
+    if isinstance(v.dtype, types.Complex):  # no order: CLAMP is rejected before any kernel runs
+
+        def impl(op, v, coef, bound):
+            if op == SCALE:
+                scale_cpu_(v, coef)
+                return 0
+            return zero_nonfinite_cpu_(v)
+
+        return impl
+
+    def impl(op, v, coef, bound):
+        if op == SCALE:
+            scale_cpu_(v, coef)
+            return 0
+        if op == CLAMP:
+            clamp_cpu_(v, bound)
+            return 0
+        return zero_nonfinite_cpu_(v)
+
+    return impl
+
+
+@njit
+def _update_at(op, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness):
+    r, lo, n = _chunk_row(k, first, count)
+    start = addr[r] + lo * step[r] * witness.itemsize
+    coef = leaf_arg[seg_leaf[r]]
+    if step[r] == 1:
+        v = numba.carray(_voidptr(start), (n,), witness.dtype)
+        return _update_chunk(op, v, coef, bound)
+    w = numba.carray(_voidptr(start), ((n - 1) * step[r] + 1,), witness.dtype)
+    return _update_chunk(op, w[:: step[r]], coef, bound)
+
+
+@njit(cache=True)
+def _fold(op, part, first, seg_leaf, out):
+    """Combine chunk partials into ``out[leaf]``, serially and in chunk order."""
+    for r in range(seg_leaf.size):
+        leaf = seg_leaf[r]
+        for k in range(first[r], first[r + 1]):
+            if op == MAXABS:
+                if part[k] != part[k] or out[leaf] != out[leaf]:
+                    out[leaf] = np.nan
+                elif part[k] > out[leaf]:
+                    out[leaf] = part[k]
+            else:
+                out[leaf] += part[k]
+
+
+@njit(cache=True)
+def _reduce_serial(op, addr, count, step, seg_leaf, p, leaf_arg, out, witness):
+    first = _chunk_starts(count)
+    part = np.empty(first[-1])
+    for k in range(first[-1]):
+        part[k] = _reduce_at(op, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+    _fold(op, part, first, seg_leaf, out)
+
+
+@njit(cache=True, parallel=True)
+def _reduce_parallel(op, addr, count, step, seg_leaf, p, leaf_arg, out, witness):
+    first = _chunk_starts(count)
+    part = np.empty(first[-1])
+    for k in prange(first[-1]):
+        part[k] = _reduce_at(op, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+    _fold(op, part, first, seg_leaf, out)
+
+
+@njit(cache=True)
+def _update_serial(op, addr, count, step, seg_leaf, leaf_arg, bound, witness):
+    first = _chunk_starts(count)
+    changed = 0
+    for k in range(first[-1]):
+        changed += _update_at(op, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+    return changed
+
+
+@njit(cache=True, parallel=True)
+def _update_parallel(op, addr, count, step, seg_leaf, leaf_arg, bound, witness):
+    first = _chunk_starts(count)
+    changed = np.zeros(first[-1], np.int64)
+    for k in prange(first[-1]):
+        changed[k] = _update_at(op, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+    return changed.sum()
+
+
+def reduce_table(op, table, out, p=2.0, leaf_arg=None):
+    """Reduce every row of ``table`` with ``op``, accumulating into ``out[leaf]``.
+
+    ``out`` is float64, one entry per leaf, and must start at 0 (sums) or 0 / the
+    running max (``MAXABS``). ``leaf_arg`` is the per-leaf scale of ``SUMPOW``.
+    """
+    if leaf_arg is None:
+        leaf_arg = out
+    driver = _reduce_parallel if table.size >= PARALLEL_MIN else _reduce_serial
+    driver(op, table.addr, table.count, table.step, table.seg_leaf, float(p), leaf_arg, out, table.witness)
+
+
+def update_table(op, table, leaf_arg=None, bound=0.0):
+    """Apply the in-place ``op`` to every row of ``table``; returns elements changed.
+
+    ``leaf_arg`` is the per-leaf coefficient of ``SCALE``; ``bound`` the clip
+    value of ``CLAMP``.
+    """
+    if leaf_arg is None:
+        leaf_arg = np.zeros(1)
+    driver = _update_parallel if table.size >= PARALLEL_MIN else _update_serial
+    return int(driver(op, table.addr, table.count, table.step, table.seg_leaf, leaf_arg, float(bound), table.witness))
