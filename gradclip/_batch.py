@@ -61,12 +61,20 @@ def collect(grads, function, *, writes=False, real_only=False):
     return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables, originals)
 
 
+_CONTIGUOUS = 0x1 | 0x2  # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_F_CONTIGUOUS
+_ALIGNED = 0x100
+
+
 def _check(array, where, function, writes, real_only):
     _checks.check_dtype(where, array.dtype)
     if real_only:
         _checks.check_real(where, array.dtype, function)
-    _checks.check_aligned(where, array)
-    _checks.check_layout(where, array)
     if writes:
         _checks.check_writable(where, array, function)
-        _checks.check_no_overlap(where, array, function)
+    flags = array.flags.num
+    if not flags & _ALIGNED:
+        _checks.check_aligned(where, array)
+    if not flags & _CONTIGUOUS:
+        _checks.check_layout(where, array)
+        if writes:
+            _checks.check_no_overlap(where, array, function)

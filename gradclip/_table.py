@@ -11,6 +11,8 @@ kernels read and write the leaves' own memory.
 
 import numpy as np
 
+from ._kernels import cpu as kernels
+
 # The integer type each format travels as inside the kernels (see kernels/cpu.py).
 _KERNEL_DTYPE = {"float16": np.uint16, "bfloat16": np.int16}
 
@@ -36,22 +38,23 @@ class Table:
 
 def build(dtype, arrays, leaf_ids):
     """The table of ``arrays`` (all of ``dtype``), row owners from ``leaf_ids``."""
-    flat_addr, flat_count, flat_leaf = [], [], []  # one contiguous row per leaf
+    flat, flat_count, flat_leaf = [], [], []  # one contiguous row per leaf
     strided = []  # (addr, count, step, leaf) columns of the other leaves
     for array, leaf in zip(arrays, leaf_ids):
         if array.size == 0:
             continue
         if array.flags.c_contiguous or array.flags.f_contiguous:
-            flat_addr.append(array.__array_interface__["data"][0])
+            flat.append(array)
             flat_count.append(array.size)
             flat_leaf.append(leaf)
             continue
         starts, n, step = _runs(array)
         rows = len(starts)
         strided.append((starts, np.full(rows, n), np.full(rows, step), np.full(rows, leaf)))
+    flat_columns = (kernels.data_pointers(flat), flat_count, [1] * len(flat), flat_leaf)
     columns = [
-        np.concatenate([np.array(flat, dtype=np.int64), *(rows[i] for rows in strided)]).astype(np.int64)
-        for i, flat in enumerate((flat_addr, flat_count, [1] * len(flat_addr), flat_leaf))
+        np.concatenate([np.asarray(column, dtype=np.int64), *(rows[i] for rows in strided)]).astype(np.int64)
+        for i, column in enumerate(flat_columns)
     ]
     witness = np.empty(0, _KERNEL_DTYPE.get(dtype.name, dtype))
     return Table(*columns, witness)
@@ -59,7 +62,7 @@ def build(dtype, arrays, leaf_ids):
 
 def _runs(array):
     """Start addresses, length and step (in elements) of the runs covering ``array``."""
-    base = array.__array_interface__["data"][0]
+    base = array.ctypes.data
     axes = []
     for n, s in zip(array.shape, array.strides):
         if n == 1:

@@ -7,13 +7,16 @@ dicts in insertion order; ``None`` leaves are skipped. ``flatten`` also returns 
 leaves, and ``path`` names a leaf for error messages (``grads['enc'][1]``).
 """
 
+import numpy as np
+
 _LEAF = object()
 _NONE = object()
 
 
 def _is_array_like(obj):
     return (
-        hasattr(obj, "__array_interface__")
+        isinstance(obj, (np.ndarray, np.generic))
+        or hasattr(obj, "__array_interface__")
         or hasattr(obj, "__cuda_array_interface__")
         or hasattr(obj, "__dlpack__")
     )
@@ -22,7 +25,7 @@ def _is_array_like(obj):
 def flatten(grads):
     """Return ``(leaves, treedef)``; a top-level iterator is consumed once."""
     leaves = []
-    if type(grads) is list and all(hasattr(g, "__array_interface__") for g in grads):
+    if type(grads) is list and all(type(g) is np.ndarray for g in grads):
         leaves.extend(grads)  # the common case, without recursion
         return leaves, (list, None, [_LEAF] * len(grads))
     if not isinstance(grads, (dict, list, tuple)) and not _is_array_like(grads) and grads is not None:
