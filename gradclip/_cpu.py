@@ -55,8 +55,9 @@ def _scaled_norms(batch, p, leaf_mask):
     sums = np.zeros(leaf_mask.size)
     if regular.any():
         _run(kernels.SUMPOW, batch, sums, p, leaf_arg=peak, leaf_mask=regular)
-    with np.errstate(divide="ignore"):
-        return np.where(regular, peak * sums ** (1.0 / p), peak)
+    norms = peak.copy()  # 0, inf and NaN leaves: the peak is the norm
+    norms[regular] = peak[regular] * sums[regular] ** (1.0 / p)
+    return norms
 
 
 def total_norm(norms, p):

@@ -53,10 +53,10 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfin
     --------
     >>> import numpy as np, gradclip
     >>> g = [np.array([3.0, 0.0]), np.array([4.0])]
-    >>> gradclip.clip_grad_norm_(g, max_norm=1.0, eps=0.0)
+    >>> gradclip.clip_grad_norm_(g, max_norm=2.5, eps=0.0)
     5.0
     >>> g
-    [array([0.6, 0. ]), array([0.8])]
+    [array([1.5, 0. ]), array([2.])]
     """
     max_norm = _checks.nonnegative("max_norm", max_norm)
     p = _checks.norm_type(norm_type)
@@ -138,10 +138,10 @@ def clip_grad_norm_per_layer_(grads, max_norm, norm_type=2.0, *, eps=1e-6):
     --------
     >>> import numpy as np, gradclip
     >>> g = [np.array([3.0, 4.0]), np.array([0.5])]
-    >>> gradclip.clip_grad_norm_per_layer_(g, max_norm=1.0, eps=0.0)
+    >>> gradclip.clip_grad_norm_per_layer_(g, max_norm=2.5, eps=0.0)
     array([5. , 0.5])
     >>> g
-    [array([0.6, 0.8]), array([0.5])]
+    [array([1.5, 2. ]), array([0.5])]
     """
     max_norm = _checks.nonnegative("max_norm", max_norm)
     p = _checks.norm_type(norm_type)
