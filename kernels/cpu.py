@@ -316,7 +316,7 @@ def _reduce_chunk(op, v, p, scale):
 def _reduce_at(op, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness):
     r, lo, n = _chunk_row(k, first, count)
     start = addr[r] + lo * step[r] * witness.itemsize
-    scale = leaf_arg[seg_leaf[r]]
+    scale = leaf_arg[seg_leaf[r]] if op == SUMPOW else 1.0
     if step[r] == 1:
         v = numba.carray(_voidptr(start), (n,), witness.dtype)
         return _reduce_chunk(op, v, p, scale)
@@ -356,7 +356,7 @@ def _update_chunk_impl(op, v, coef, bound):
 def _update_at(op, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness):
     r, lo, n = _chunk_row(k, first, count)
     start = addr[r] + lo * step[r] * witness.itemsize
-    coef = leaf_arg[seg_leaf[r]]
+    coef = leaf_arg[seg_leaf[r]] if op == SCALE else 1.0
     if step[r] == 1:
         v = numba.carray(_voidptr(start), (n,), witness.dtype)
         return _update_chunk(op, v, coef, bound)
@@ -422,7 +422,7 @@ def reduce_table(op, table, out, p=2.0, leaf_arg=None):
     running max (``MAXABS``). ``leaf_arg`` is the per-leaf scale of ``SUMPOW``.
     """
     if leaf_arg is None:
-        leaf_arg = out
+        leaf_arg = out  # not read
     driver = _reduce_parallel if table.size >= PARALLEL_MIN else _reduce_serial
     driver(op, table.addr, table.count, table.step, table.seg_leaf, float(p), leaf_arg, out, table.witness)
 
@@ -434,7 +434,7 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
     value of ``CLAMP``.
     """
     if leaf_arg is None:
-        leaf_arg = np.zeros(1)
+        leaf_arg = np.zeros(0)  # not read
     driver = _update_parallel if table.size >= PARALLEL_MIN else _update_serial
     return int(driver(op, table.addr, table.count, table.step, table.seg_leaf, leaf_arg, float(bound), table.witness))
 
