@@ -108,10 +108,13 @@ def check_real(where, dtype, function):
         )
 
 
+_OUT_OF_PLACE_TWIN = {"clip_grad_norm_": "clip_grad_norm", "clip_grad_value_": "clip_grad_value"}
+
+
 def check_writable(where, array, function):
     if not array.flags.writeable:
-        twin = function.rstrip("_")
-        hint = f"use {twin}(...), the out-of-place twin" if twin != function else "pass a writable copy"
+        twin = _OUT_OF_PLACE_TWIN.get(function)
+        hint = f"use {twin}(...), the out-of-place twin" if twin else "pass a writable copy"
         raise ValueError(f"{where()} is read-only and {function} writes in place; {hint}")
 
 
