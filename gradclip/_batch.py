@@ -31,8 +31,18 @@ class Batch:
         self.tables = tables
         self._originals = originals
 
-    def leaf_was_scalar(self, unique):
-        return isinstance(self._originals[unique], np.generic)
+    def copy(self):
+        """The same leaves as fresh writable arrays (for the out-of-place functions)."""
+        arrays = [np.array(array, copy=True) for array in self.arrays]
+        return Batch(self.treedef, arrays, self.unique_of, _tables(arrays), self._originals)
+
+    def rebuild(self):
+        """The leaves in the caller's structure; NumPy scalars come back as scalars."""
+        leaves = [
+            self.arrays[u][()] if isinstance(self._originals[u], np.generic) else self.arrays[u]
+            for u in self.unique_of
+        ]
+        return _tree.unflatten(self.treedef, leaves)
 
 
 def collect(grads, function, *, writes=False, real_only=False):
@@ -54,11 +64,15 @@ def collect(grads, function, *, writes=False, real_only=False):
             arrays.append(array)
             originals.append(leaf)
         unique_of.append(unique)
+    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), _tables(arrays), originals)
+
+
+def _tables(arrays):
+    """One kernel table per dtype."""
     groups = {}
     for unique, array in enumerate(arrays):
         groups.setdefault(array.dtype, []).append(unique)
-    tables = [_table.build(dtype, [arrays[u] for u in ids], ids) for dtype, ids in groups.items()]
-    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables, originals)
+    return [_table.build(dtype, [arrays[u] for u in ids], ids) for dtype, ids in groups.items()]
 
 
 _CONTIGUOUS = 0x1 | 0x2  # NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_F_CONTIGUOUS

@@ -56,7 +56,8 @@ def _scaled_norms(batch, p, leaf_mask):
     if regular.any():
         _run(kernels.SUMPOW, batch, sums, p, leaf_arg=peak, leaf_mask=regular)
     norms = peak.copy()  # 0, inf and NaN leaves: the peak is the norm
-    norms[regular] = peak[regular] * sums[regular] ** (1.0 / p)
+    with np.errstate(over="ignore"):  # a true norm beyond float64 is inf
+        norms[regular] = peak[regular] * sums[regular] ** (1.0 / p)
     return norms
 
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _tree
+from . import _batch, _checks, _cpu
 
 
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfinite=False):
@@ -62,13 +62,8 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfin
     p = _checks.norm_type(norm_type)
     eps = _checks.nonnegative("eps", eps)
     batch = _batch.collect(grads, "clip_grad_norm_", writes=True)
-    total = _cpu.total_norm(_cpu.leaf_norms(batch, p), p)
-    if not math.isfinite(total):
-        if error_if_nonfinite:
-            _checks.raise_nonfinite(total)
-        return total
-    if total > max_norm:
-        _cpu.scale_(batch, np.full(len(batch.arrays), max_norm / (total + eps)))
+    total = _total_norm(batch, p, error_if_nonfinite)
+    _scale_to_max_norm_(batch, max_norm, total, eps)
     return total
 
 
@@ -88,9 +83,11 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfini
     max_norm = _checks.nonnegative("max_norm", max_norm)
     p = _checks.norm_type(norm_type)
     eps = _checks.nonnegative("eps", eps)
-    return _out_of_place(
-        grads, "clip_grad_norm", clip_grad_norm_, max_norm, p, eps=eps, error_if_nonfinite=error_if_nonfinite
-    )
+    batch = _batch.collect(grads, "clip_grad_norm")
+    total = _total_norm(batch, p, error_if_nonfinite)  # of the input, as grad_norm gives it
+    clipped = batch.copy()
+    _scale_to_max_norm_(clipped, max_norm, total, eps)
+    return clipped.rebuild(), total
 
 
 def clip_grads_with_norm_(grads, max_norm, total_norm, *, eps=1e-6):
@@ -119,8 +116,7 @@ def clip_grads_with_norm_(grads, max_norm, total_norm, *, eps=1e-6):
     total = _checks.total_norm(total_norm)
     eps = _checks.nonnegative("eps", eps)
     batch = _batch.collect(grads, "clip_grads_with_norm_", writes=True)
-    if math.isfinite(total) and total > max_norm:
-        _cpu.scale_(batch, np.full(len(batch.arrays), max_norm / (total + eps)))
+    _scale_to_max_norm_(batch, max_norm, total, eps)
 
 
 def clip_grad_norm_per_layer_(grads, max_norm, norm_type=2.0, *, eps=1e-6):
@@ -179,8 +175,7 @@ def clip_grad_value_(grads, clip_value):
     """
     clip_value = _checks.nonnegative("clip_value", clip_value)
     batch = _batch.collect(grads, "clip_grad_value_", writes=True, real_only=True)
-    if clip_value != math.inf:
-        _cpu.clamp_(batch, clip_value)
+    _clamp_(batch, clip_value)
 
 
 def clip_grad_value(grads, clip_value):
@@ -193,14 +188,24 @@ def clip_grad_value(grads, clip_value):
     [array([-1. ,  0.5])]
     """
     clip_value = _checks.nonnegative("clip_value", clip_value)
-    clipped, _ = _out_of_place(grads, "clip_grad_value", clip_grad_value_, clip_value, real_only=True)
-    return clipped
+    clipped = _batch.collect(grads, "clip_grad_value", real_only=True).copy()
+    _clamp_(clipped, clip_value)
+    return clipped.rebuild()
 
 
-def _out_of_place(grads, function, in_place, *args, real_only=False, **kwargs):
-    """Run ``in_place`` on fresh copies of the leaves; returns ``(copies in grads' structure, result)``."""
-    batch = _batch.collect(grads, function, real_only=real_only)
-    copies = [np.array(array, copy=True) for array in batch.arrays]
-    result = in_place(copies, *args, **kwargs)
-    leaves = [copies[u][()] if batch.leaf_was_scalar(u) else copies[u] for u in batch.unique_of]
-    return _tree.unflatten(batch.treedef, leaves), result
+def _total_norm(batch, p, error_if_nonfinite):
+    total = _cpu.total_norm(_cpu.leaf_norms(batch, p), p)
+    if error_if_nonfinite and not math.isfinite(total):
+        _checks.raise_nonfinite(total)
+    return total
+
+
+def _scale_to_max_norm_(batch, max_norm, total, eps):
+    """Scale by ``max_norm / (total + eps)`` iff ``total > max_norm`` and is finite."""
+    if math.isfinite(total) and total > max_norm:
+        _cpu.scale_(batch, np.full(len(batch.arrays), max_norm / (total + eps)))
+
+
+def _clamp_(batch, clip_value):
+    if clip_value != math.inf:  # inf never clips: write nothing
+        _cpu.clamp_(batch, clip_value)

@@ -183,6 +183,17 @@ def _finite_or_zero_impl(x):
     return lambda x: x if np.isfinite(x) else 0.0
 
 
+def _times(x, coef):
+    """``x * coef`` for a real ``coef``: complex parts scaled one by one (no NaN from inf * 0)."""
+
+
+@overload(_times)
+def _times_impl(x, coef):
+    if isinstance(x, types.Complex):
+        return lambda x, coef: complex(x.real * coef, x.imag * coef)
+    return lambda x, coef: x * coef
+
+
 @njit
 def _isfinite(x):
     return np.isfinite(x.real) and np.isfinite(x.imag)
@@ -245,7 +256,7 @@ def nonfinite_cpu(v):
 def scale_cpu_(v, coef):
     """x <- round(x * coef), the product taken in float64."""
     for i in range(v.size):
-        v[i] = _narrow(_widen(v[i]) * coef, v)
+        v[i] = _narrow(_times(_widen(v[i]), coef), v)
 
 
 @njit(cache=True)
