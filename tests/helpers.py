@@ -1,0 +1,342 @@
+"""Shared test helpers: dtypes, shapes, layouts, data makers and bit-exact comparisons.
+
+Never imports gradclip (the tests do); never computes expected results (reference.py
+does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import numpy as np
+import pytest
+
+from reference import BFLOAT16, is_complex, ref_nonfinite_mask, ref_zero_nonfinite
+
+# --------------------------------------------------------------------------- dtypes
+
+DTYPES = [
+    np.dtype(np.float16),
+    BFLOAT16,
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+    np.dtype(np.complex64),
+    np.dtype(np.complex128),
+]
+REAL_DTYPES = [d for d in DTYPES if not is_complex(d)]
+COMPLEX_DTYPES = [d for d in DTYPES if is_complex(d)]
+
+
+def dtype_id(d) -> str:
+    return np.dtype(d).name
+
+
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+real_dtypes = pytest.mark.parametrize("dtype", REAL_DTYPES, ids=dtype_id)
+
+NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
+norm_types = pytest.mark.parametrize("p", NORM_TYPES, ids=lambda p: f"p{p:g}")
+
+RTOL = 1e-12  # SPEC §4: float64 accumulation, relative error <= 1e-12
+
+# --------------------------------------------------------------------------- shapes
+
+SHAPES = [(), (0,), (1,), (17,), (3, 5), (4, 3, 7), (100_003,)]
+SMALL_SHAPES = [s for s in SHAPES if math.prod(s) < 1000]
+
+
+def shape_id(s) -> str:
+    return "x".join(map(str, s)) if s else "0d"
+
+
+shapes = pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+
+# --------------------------------------------------------------------------- layouts
+#
+# A layout turns a wanted view shape S into (base shape, base order, view function).
+# The base array owns the memory; view(base) is the leaf handed to gradclip, with
+# view(base).shape == S. Applying the same view function to a copy of the base lets a
+# test build the whole expected base, gaps included.
+
+
+def _c(shape):
+    return shape, "C", lambda b: b[...]
+
+
+def _f(shape):
+    return shape, "F", lambda b: b[...]
+
+
+def _transposed(shape):
+    return tuple(reversed(shape)), "C", lambda b: b.T
+
+
+def _step3(shape):  # x[::3] on the first axis
+    if not shape:
+        return (3,), "C", lambda b: b[1, ...]
+    return (3 * shape[0],) + tuple(shape[1:]), "C", lambda b: b[::3]
+
+
+def _step_all(shape):  # x[::2, 1::3, ::2, ...]
+    if not shape:
+        return (5,), "C", lambda b: b[2, ...]
+    base = tuple(2 * s if i % 2 == 0 else 3 * s + 1 for i, s in enumerate(shape))
+    sl = tuple(slice(None, None, 2) if i % 2 == 0 else slice(1, None, 3) for i in range(len(shape)))
+    return base, "C", lambda b: b[sl]
+
+
+def _negative(shape):  # x[::-1, ::-1, ...]
+    if not shape:
+        return (2,), "C", lambda b: b[-1, ...]
+    sl = tuple(slice(None, None, -1) for _ in shape)
+    return shape, "C", lambda b: b[sl]
+
+
+def _negative_step(shape):  # x[::-2, ::-1, ...]
+    if not shape:
+        return (4,), "C", lambda b: b[-1, ...]
+    base = (2 * shape[0],) + tuple(shape[1:])
+    sl = (slice(None, None, -2),) + tuple(slice(None, None, -1) for _ in shape[1:])
+    return base, "C", lambda b: b[sl]
+
+
+def _transposed_stepped(shape):
+    """Steps (one negative) on every axis, then a rotation of the axes."""
+    n = len(shape)
+    if n == 0:
+        return (3,), "C", lambda b: b[2, ...]
+    perm = (n - 1,) + tuple(range(n - 1))  # view axis j is pre axis perm[j]
+    pre = [0] * n
+    for j, s in enumerate(shape):
+        pre[perm[j]] = s
+    slices, base = [], []
+    for i, s in enumerate(pre):
+        if i == 1:
+            slices.append(slice(None, None, -2))
+            base.append(2 * s)
+        else:
+            slices.append(slice(1, None, 2))
+            base.append(2 * s + 1)
+    sl = tuple(slices)
+    return tuple(base), "C", lambda b: b[sl].transpose(perm)
+
+
+LAYOUTS = {
+    "C": _c,
+    "F": _f,
+    "T": _transposed,
+    "step3": _step3,
+    "step_all": _step_all,
+    "neg": _negative,
+    "neg_step": _negative_step,
+    "T_step": _transposed_stepped,
+}
+layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def random_values(shape, dtype, rng, scale=1.0) -> np.ndarray:
+    """Random normal values (times ``scale``) of ``dtype``, C-ordered."""
+    dtype = np.dtype(dtype)
+    v = rng.standard_normal(shape) * scale
+    if is_complex(dtype):
+        v = v + 1j * rng.standard_normal(shape) * scale
+    with np.errstate(all="ignore"):
+        return np.asarray(v).astype(dtype)
+
+
+class Strided:
+    """A leaf ``view`` living inside ``base``, both filled with random values."""
+
+    def __init__(self, layout, shape, dtype, rng, scale=1.0):
+        self.layout = layout
+        base_shape, order, self.view_fn = LAYOUTS[layout](tuple(shape))
+        self.base = np.empty(base_shape, dtype=np.dtype(dtype), order=order)
+        self.base[...] = random_values(base_shape, dtype, rng, scale)
+        self.view = self.view_fn(self.base)
+        assert self.view.shape == tuple(shape)
+        assert self.view.size == 0 or np.shares_memory(self.view, self.base)
+        self.snapshot()
+
+    def __repr__(self):
+        return f"Strided({self.layout!r}, {self.view.shape}, {self.view.dtype.name}, view={self.view_before!r})"
+
+    def snapshot(self):
+        """Take the 'before' copies again (after the test changed the data itself)."""
+        self.before = self.base.copy()
+        self.view_before = self.view.copy()
+
+    def poke(self, index, value):
+        """Set one element of the view (e.g. a NaN) and take the snapshots again."""
+        with np.errstate(all="ignore"):
+            self.view[index] = value
+        self.snapshot()
+
+    def outside_mask(self):
+        """Boolean array shaped like the base: True where the base is not in the view."""
+        outside = np.ones(self.base.shape, dtype=bool)
+        self.view_fn(outside)[...] = False
+        return outside
+
+    def last_index(self):
+        return np.unravel_index(self.view.size - 1, self.view.shape)
+
+    def expected_base(self, new_view_values) -> np.ndarray:
+        """The base as it must be after only the view's elements became ``new``."""
+        exp = self.before.copy()
+        self.view_fn(exp)[...] = new_view_values
+        return exp
+
+    def assert_untouched(self):
+        assert_same_bits(self.base, self.before, what="base (untouched)")
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def _uint_for(itemsize):
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
+
+
+def _real_parts(a):
+    if is_complex(a.dtype):
+        return [("real", a.real), ("imag", a.imag)]
+    return [("", a)]
+
+
+def assert_same_bits(actual, expected, what="array", nan_payload=False):
+    """Bit-for-bit equality (signed zeros included); two NaNs compare equal unless
+    ``nan_payload``. Shapes and dtypes must match."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if actual.dtype.kind == "O":
+        same = all(x is y for x, y in zip(actual.ravel().tolist(), expected.ravel().tolist()))
+        assert same, f"{what}: object elements differ"
+        return
+    if actual.dtype not in DTYPES:  # ints, bools, long double...: plain bytes
+        assert actual.tobytes() == expected.tobytes(), f"{what}: bytes differ"
+        return
+    for name, pa in _real_parts(actual):
+        pe = dict(_real_parts(expected))[name]
+        ua = np.ascontiguousarray(pa).view(_uint_for(pa.dtype.itemsize))
+        ue = np.ascontiguousarray(pe).view(_uint_for(pe.dtype.itemsize))
+        bad = ua != ue
+        if not nan_payload:
+            with np.errstate(all="ignore"):
+                both_nan = np.isnan(pa.astype(np.float64)) & np.isnan(pe.astype(np.float64))
+            bad &= ~both_nan
+        if bad.any():
+            fa, fe = pa.reshape(-1), pe.reshape(-1)
+            fua, fue = ua.reshape(-1), ue.reshape(-1)
+            rows = [
+                f"  at {tuple(int(i) for i in np.unravel_index(j, bad.shape))}: got {fa[j]!r} "
+                f"(0x{int(fua[j]):x}) expected {fe[j]!r} (0x{int(fue[j]):x})"
+                for j in np.flatnonzero(bad)[:5]
+            ]
+            raise AssertionError(
+                f"{what}{' ' + name if name else ''}: {int(bad.sum())} of {bad.size} elements "
+                "differ bitwise\n" + "\n".join(rows)
+            )
+
+
+def assert_norm_close(actual, expected, rtol=RTOL, what="norm"):
+    actual = float(actual)
+    expected = float(expected)
+    if math.isnan(expected):
+        assert math.isnan(actual), f"{what}: got {actual!r}, expected NaN"
+    elif math.isinf(expected) or expected == 0.0:
+        assert actual == expected, f"{what}: got {actual!r}, expected {expected!r}"
+    else:
+        err = abs(actual - expected) / expected
+        assert err <= rtol, f"{what}: got {actual!r}, expected {expected!r} (rel err {err:.3g})"
+
+
+def assert_norms_close(actual, expected, rtol=RTOL, what="norms"):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    for i, (a, e) in enumerate(zip(actual.tolist(), expected.tolist())):
+        assert_norm_close(a, e, rtol, what=f"{what}[{i}]")
+
+
+def assert_zeroed(actual, before, what="leaf"):
+    """The result of zero_nonfinite_ on a real leaf: where ``before`` was NaN/inf the
+    value is now 0 (SPEC says "0": either sign of zero), every other element keeps its
+    bits."""
+    actual = np.asarray(actual)
+    mask = ref_nonfinite_mask(before)
+    assert (actual[mask].astype(np.float64) == 0).all(), f"{what}: non-finite values not zeroed"
+    expected = ref_zero_nonfinite(before)
+    got = actual.copy()
+    got[mask] = expected[mask]
+    assert_same_bits(got, expected, what=what)
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def tree_leaves(tree):
+    """Depth-first leaves of a dict/list/tuple tree, dicts in insertion order, None
+    skipped (SPEC §2)."""
+    if tree is None:
+        return []
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in tree_leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in tree_leaves(v)]
+    return [tree]
+
+
+def assert_same_structure(result, template):
+    """Same container types, dict keys (in order), lengths and None positions."""
+    if template is None:
+        assert result is None, f"expected None, got {type(result).__name__}"
+    elif isinstance(template, dict):
+        assert type(result) is type(template), f"{type(result)} != {type(template)}"
+        assert list(result.keys()) == list(template.keys())
+        for k in template:
+            assert_same_structure(result[k], template[k])
+    elif isinstance(template, (list, tuple)):
+        assert type(result) is type(template), f"{type(result)} != {type(template)}"
+        assert len(result) == len(template)
+        for r, t in zip(result, template):
+            assert_same_structure(r, t)
+    else:
+        assert isinstance(result, np.ndarray), f"leaf is a {type(result).__name__}"
+        t = np.asarray(template)
+        assert result.shape == t.shape and result.dtype == t.dtype
+
+
+class Frozen:
+    """Snapshot of the bytes of arrays (and of their bases) to prove nothing changed."""
+
+    def __init__(self, *arrays):
+        self.items = []
+        for a in arrays:
+            if isinstance(a, np.ndarray):
+                self.items.append((a, a.copy()))
+                if isinstance(a.base, np.ndarray):
+                    self.items.append((a.base, a.base.copy()))
+
+    def check(self):
+        for a, before in self.items:
+            assert_same_bits(a, before, what="leaf after the call", nan_payload=True)
+
+
+@contextlib.contextmanager
+def raises_with(exc, *fragments, regex=()):
+    """pytest.raises plus: the message contains every fragment (and matches every
+    regex)."""
+    with pytest.raises(exc) as info:
+        yield info
+    msg = str(info.value)
+    for f in fragments:
+        assert f in msg, f"{f!r} not in error message {msg!r}"
+    for r in regex:
+        assert re.search(r, msg), f"/{r}/ does not match error message {msg!r}"

@@ -1,0 +1,81 @@
+"""The CPU kernel layer itself: half-precision codecs over every bit pattern, rounding
+against the references, and the serial and parallel drivers agreeing bit for bit."""
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from gradclip._kernels import cpu as kernels
+from helpers import DTYPES, assert_same_bits, dtype_id, random_values
+from reference import BFLOAT16, round_to
+
+ALL_16_BIT_PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+
+def _decode(decoder, bits):
+    return np.array([decoder(b) for b in bits], dtype=np.float32)
+
+
+def test_float16_decoding_is_exact_for_every_bit_pattern():
+    got = _decode(kernels._f16_to_f32, ALL_16_BIT_PATTERNS)
+    assert_same_bits(got, ALL_16_BIT_PATTERNS.view(np.float16).astype(np.float32), nan_payload=False)
+
+
+def test_bfloat16_decoding_is_exact_for_every_bit_pattern():
+    got = _decode(kernels._bf16_to_f32, ALL_16_BIT_PATTERNS.view(np.int16))
+    assert_same_bits(got, ALL_16_BIT_PATTERNS.view(BFLOAT16).astype(np.float32), nan_payload=False)
+
+
+def _hard_float64_values(rng, half_dtype):
+    """Values at and around every rounding boundary of ``half_dtype``, plus random ones."""
+    with np.errstate(invalid="ignore"):  # NaN patterns; dropped below
+        halves = ALL_16_BIT_PATTERNS.view(half_dtype).astype(np.float64)
+    halves = halves[np.isfinite(halves)]
+    ordered = np.unique(halves)
+    midpoints = (ordered[:-1] + ordered[1:]) / 2  # exact in float64: ties
+    nudged = np.concatenate([np.nextafter(midpoints, np.inf), np.nextafter(midpoints, -np.inf)])
+    wide = rng.standard_normal(20_000) * 10.0 ** rng.uniform(-45, 40, 20_000)
+    return np.concatenate([halves, midpoints, nudged, wide, [np.inf, -np.inf, 0.0, -0.0, 1e300]])
+
+
+@pytest.mark.parametrize("half_dtype", [np.dtype(np.float16), BFLOAT16], ids=dtype_id)
+def test_rounding_to_half_precision_is_nearest_even_once(half_dtype, rng):
+    values = _hard_float64_values(rng, half_dtype)
+    # scaling by 1.0 is the identity on the float64 values, so the leaf receives round(values)
+    as_leaf = np.zeros(values.size, half_dtype)
+    kernel_dtype = np.uint16 if half_dtype == np.float16 else np.int16
+    narrow = kernels._f32_to_f16 if half_dtype == np.float16 else kernels._f32_to_bf16
+    got = np.array([narrow(kernels._f64_to_f32_odd(v)) for v in values], dtype=np.uint32)
+    as_leaf.view(kernel_dtype)[:] = got.astype(np.uint16).view(kernel_dtype)
+    assert_same_bits(as_leaf, round_to(values, half_dtype))
+
+
+def test_nan_stays_nan_when_narrowed():
+    for narrow in (kernels._f32_to_f16, kernels._f32_to_bf16):
+        bits = int(narrow(kernels._f64_to_f32_odd(np.nan)))
+        exponent_all_ones = 0x7C00 if narrow is kernels._f32_to_f16 else 0x7F80
+        assert bits & exponent_all_ones == exponent_all_ones and bits & ~(exponent_all_ones | 0x8000)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_serial_and_parallel_drivers_agree_bit_for_bit(dtype, rng, monkeypatch):
+    base = random_values((600, 301), dtype, rng)
+    leaves = [base, base[::3, ::-2], base.T[5]]
+
+    def everything():
+        results = [gc.grad_norm(leaves, p) for p in (1.0, 2.0, 3.0, np.inf)]
+        clipped, _ = gc.clip_grad_norm(leaves, 1.0)
+        return results, clipped
+
+    serial_norms, serial_clipped = everything()
+    monkeypatch.setattr(kernels, "PARALLEL_MIN", 1)
+    parallel_norms, parallel_clipped = everything()
+    assert serial_norms == parallel_norms
+    for s, p in zip(serial_clipped, parallel_clipped):
+        assert_same_bits(p, s)
+
+
+def test_chunks_do_not_depend_on_the_row_order_of_other_leaves(rng):
+    # each leaf's partial sums are folded in its own chunk order
+    a, b = random_values(50_000, np.float32, rng), random_values((300, 200), np.float32, rng)[:, ::2]
+    assert np.array_equal(gc.layer_norms([a, b]), gc.layer_norms([b, a])[::-1])
