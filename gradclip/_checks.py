@@ -84,6 +84,11 @@ def dlpack_failed(where, leaf, error):
     )
 
 
+def accepted(dtype):
+    """Whether ``dtype`` has passed `check_dtype` before."""
+    return dtype in _accepted
+
+
 def check_dtype(where, dtype):
     if dtype in _accepted:
         return

@@ -51,13 +51,19 @@ def build(dtype, arrays, leaf_ids):
         starts, n, step = _runs(array)
         rows = len(starts)
         strided.append((starts, np.full(rows, n), np.full(rows, step), np.full(rows, leaf)))
-    flat_columns = (kernels.data_pointers(flat), flat_count, [1] * len(flat), flat_leaf)
+    headers = kernels.array_headers(flat)
+    flat_addr = headers[0] if headers is not None else [array.ctypes.data for array in flat]
+    flat_columns = (flat_addr, flat_count, [1] * len(flat), flat_leaf)
     columns = [
         np.concatenate([np.asarray(column, dtype=np.int64), *(rows[i] for rows in strided)]).astype(np.int64)
         for i, column in enumerate(flat_columns)
     ]
-    witness = np.empty(0, _KERNEL_DTYPE.get(dtype.name, dtype))
-    return Table(*columns, witness)
+    return Table(*columns, witness(dtype))
+
+
+def witness(dtype):
+    """An empty array of the type ``dtype``'s elements travel as in the kernels."""
+    return np.empty(0, _KERNEL_DTYPE.get(dtype.name, dtype))
 
 
 def _runs(array):

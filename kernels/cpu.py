@@ -450,32 +450,64 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
     return int(driver(op, table.addr, table.count, table.step, table.seg_leaf, leaf_arg, float(bound), table.witness))
 
 
-_DATA_OFFSET = 16
-"""Offset of ``data`` in NumPy's ``PyArrayObject`` (after the 16-byte object header)."""
+# NumPy's array object, ``PyArrayObject_fields``: after the 16-byte object header come
+# data (char *), nd (int), dimensions (npy_intp *), strides, base, descr and flags (int).
+_DATA, _NDIM, _DIMS, _DESCR, _FLAGS = 16, 24, 32, 56, 64
+
+
+@njit
+def _load_int64(address):
+    return numba.carray(_voidptr(address), (1,), np.int64)[0]
+
+
+@njit
+def _load_int32(address):
+    return numba.carray(_voidptr(address), (1,), np.int32)[0]
 
 
 @njit(cache=True)
-def _read_data_pointers(object_addresses):
-    out = np.empty(object_addresses.size, np.int64)
-    for i in range(object_addresses.size):
-        out[i] = numba.carray(_voidptr(object_addresses[i] + _DATA_OFFSET), (1,), np.int64)[0]
-    return out
+def _read_array_headers(object_addresses):
+    n = object_addresses.size
+    data = np.empty(n, np.int64)
+    size = np.empty(n, np.int64)
+    descr = np.empty(n, np.int64)
+    flags = np.empty(n, np.int64)
+    for i in range(n):
+        obj = object_addresses[i]
+        data[i] = _load_int64(obj + _DATA)
+        dims = _load_int64(obj + _DIMS)
+        size[i] = 1
+        for axis in range(_load_int32(obj + _NDIM)):
+            size[i] *= _load_int64(dims + 8 * axis)
+        descr[i] = _load_int64(obj + _DESCR)
+        flags[i] = _load_int32(obj + _FLAGS)
+    return data, size, descr, flags
 
 
-def data_pointers(arrays):
-    """The data addresses of NumPy ``arrays``, in one call rather than one per array.
+def array_headers(arrays):
+    """Data address, size, dtype object address and flags of exact ``numpy.ndarray``s.
 
-    Reads the ``data`` field of each array object directly (``arr.ctypes.data``
-    costs over a microsecond per array). The layout is confirmed once against
-    ``ctypes.data``; where it differs (another interpreter build) the slow way is used.
+    One call for all arrays, reading each array object's fields directly: asking
+    NumPy costs a microsecond or more per array and per attribute. The layout is
+    confirmed once against NumPy's own answers; where it differs (another
+    interpreter build) this returns None and callers take the general path.
     """
-    global _struct_layout_ok
-    if _struct_layout_ok is None:
-        probe = np.empty(3)
-        _struct_layout_ok = bool(_read_data_pointers(np.array([id(probe)]))[0] == probe.ctypes.data)
-    if not _struct_layout_ok:
-        return np.array([a.ctypes.data for a in arrays], dtype=np.int64)
-    return _read_data_pointers(np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays)))
+    global _headers_confirmed
+    if _headers_confirmed is None:
+        _headers_confirmed = _confirm_header_layout()
+    if not _headers_confirmed:
+        return None
+    return _read_array_headers(np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays)))
 
 
-_struct_layout_ok = None
+def _confirm_header_layout():
+    probes = [np.empty((3, 5), np.float32), np.empty((4, 2), order="F"), np.zeros(7)[::2], np.array(1.5)]
+    probes[2].flags.writeable = False
+    data, size, descr, flags = _read_array_headers(np.array([id(a) for a in probes], dtype=np.int64))
+    return all(
+        (data[i], size[i], descr[i], flags[i]) == (a.ctypes.data, a.size, id(a.dtype), a.flags.num)
+        for i, a in enumerate(probes)
+    )
+
+
+_headers_confirmed = None
