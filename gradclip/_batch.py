@@ -52,6 +52,10 @@ def collect(grads, function, *, writes=False, real_only=False):
     ``writes``: the call updates leaves in place (they must be writable, without
     repeated elements). ``real_only``: complex leaves are refused.
     """
+    if type(grads) is list:  # a flat list of arrays, most likely: no walk needed
+        batch = _collect_plain(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
+        if batch is not None:
+            return batch
     leaves, treedef = _tree.flatten(grads)
     batch = _collect_plain(leaves, treedef, writes, real_only)
     if batch is not None:
@@ -90,11 +94,7 @@ def _collect_plain(leaves, treedef, writes, real_only):
     dtype already accepted once (writable if ``writes``; real if ``real_only``):
     then nothing can fail, and the array headers read in one kernel call say all.
     """
-    if not leaves or not all(type(leaf) is np.ndarray for leaf in leaves):
-        return None
-    if len(set(map(id, leaves))) != len(leaves):
-        return None
-    headers = kernels.array_headers(leaves)
+    headers = kernels.array_headers(leaves) if leaves else None
     if headers is None:
         return None
     data, size, descr, flags = headers
@@ -102,13 +102,15 @@ def _collect_plain(leaves, treedef, writes, real_only):
     if np.any(flags & required != required) or np.any(flags & _CONTIGUOUS == 0):
         return None
     tables = []
-    for address in np.unique(descr):
+    same_dtype = bool((descr == descr[0]).all())
+    for address in descr[:1] if same_dtype else np.unique(descr):
         in_group = descr == address
         dtype = leaves[int(np.argmax(in_group))].dtype
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
             return None
         rows = np.flatnonzero(in_group & (size > 0))
         tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
+    leaves = list(leaves)  # the caller's list may change after we return
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 
 

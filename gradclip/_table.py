@@ -11,7 +11,6 @@ kernels read and write the leaves' own memory.
 
 import numpy as np
 
-from ._kernels import cpu as kernels
 
 # The integer type each format travels as inside the kernels (see kernels/cpu.py).
 _KERNEL_DTYPE = {"float16": np.uint16, "bfloat16": np.int16}
@@ -51,9 +50,7 @@ def build(dtype, arrays, leaf_ids):
         starts, n, step = _runs(array)
         rows = len(starts)
         strided.append((starts, np.full(rows, n), np.full(rows, step), np.full(rows, leaf)))
-    headers = kernels.array_headers(flat)
-    flat_addr = headers[0] if headers is not None else [array.ctypes.data for array in flat]
-    flat_columns = (flat_addr, flat_count, [1] * len(flat), flat_leaf)
+    flat_columns = ([array.ctypes.data for array in flat], flat_count, [1] * len(flat), flat_leaf)
     columns = [
         np.concatenate([np.asarray(column, dtype=np.int64), *(rows[i] for rows in strided)]).astype(np.int64)
         for i, column in enumerate(flat_columns)

@@ -22,12 +22,14 @@ def _is_array_like(obj):
     )
 
 
+def list_of_leaves(n):
+    """The treedef of a list of ``n`` arrays."""
+    return (list, None, [_LEAF] * n)
+
+
 def flatten(grads):
     """Return ``(leaves, treedef)``; a top-level iterator is consumed once."""
     leaves = []
-    if type(grads) is list and all(type(g) is np.ndarray for g in grads):
-        leaves.extend(grads)  # the common case, without recursion
-        return leaves, (list, None, [_LEAF] * len(grads))
     if not isinstance(grads, (dict, list, tuple)) and not _is_array_like(grads) and grads is not None:
         if hasattr(grads, "__iter__") and not isinstance(grads, (str, bytes)):
             grads = list(grads)

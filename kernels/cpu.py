@@ -450,9 +450,10 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
     return int(driver(op, table.addr, table.count, table.step, table.seg_leaf, leaf_arg, float(bound), table.witness))
 
 
-# NumPy's array object, ``PyArrayObject_fields``: after the 16-byte object header come
-# data (char *), nd (int), dimensions (npy_intp *), strides, base, descr and flags (int).
-_DATA, _NDIM, _DIMS, _DESCR, _FLAGS = 16, 24, 32, 56, 64
+# NumPy's array object, ``PyArrayObject_fields``: after the object header (reference
+# count, type) come data (char *), nd (int), dimensions (npy_intp *), strides, base,
+# descr and flags (int).
+_TYPE, _DATA, _NDIM, _DIMS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
 
 
 @njit
@@ -466,14 +467,20 @@ def _load_int32(address):
 
 
 @njit(cache=True)
-def _read_array_headers(object_addresses):
+def _read_array_headers(object_addresses, ndarray_type):
     n = object_addresses.size
     data = np.empty(n, np.int64)
     size = np.empty(n, np.int64)
     descr = np.empty(n, np.int64)
     flags = np.empty(n, np.int64)
+    ordered = np.sort(object_addresses)
+    for i in range(1, n):
+        if ordered[i] == ordered[i - 1]:  # the same object twice
+            return False, data, size, descr, flags
     for i in range(n):
         obj = object_addresses[i]
+        if _load_int64(obj + _TYPE) != ndarray_type:  # checked before reading further
+            return False, data, size, descr, flags
         data[i] = _load_int64(obj + _DATA)
         dims = _load_int64(obj + _DIMS)
         size[i] = 1
@@ -481,30 +488,34 @@ def _read_array_headers(object_addresses):
             size[i] *= _load_int64(dims + 8 * axis)
         descr[i] = _load_int64(obj + _DESCR)
         flags[i] = _load_int32(obj + _FLAGS)
-    return data, size, descr, flags
+    return True, data, size, descr, flags
 
 
-def array_headers(arrays):
-    """Data address, size, dtype object address and flags of exact ``numpy.ndarray``s.
+def array_headers(objects):
+    """Data address, size, dtype object address and flags of distinct ``numpy.ndarray``s.
 
-    One call for all arrays, reading each array object's fields directly: asking
-    NumPy costs a microsecond or more per array and per attribute. The layout is
+    Returns None unless every object is an exact ``numpy.ndarray`` and none appears
+    twice. One call for all of them, reading each array object's fields directly:
+    asking NumPy costs a microsecond or more per array and attribute. The layout is
     confirmed once against NumPy's own answers; where it differs (another
-    interpreter build) this returns None and callers take the general path.
+    interpreter build) this always returns None and callers take the general path.
     """
     global _headers_confirmed
     if _headers_confirmed is None:
         _headers_confirmed = _confirm_header_layout()
     if not _headers_confirmed:
         return None
-    return _read_array_headers(np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays)))
+    addresses = np.fromiter(map(id, objects), dtype=np.int64, count=len(objects))
+    ok, *headers = _read_array_headers(addresses, id(np.ndarray))
+    return headers if ok else None
 
 
 def _confirm_header_layout():
     probes = [np.empty((3, 5), np.float32), np.empty((4, 2), order="F"), np.zeros(7)[::2], np.array(1.5)]
     probes[2].flags.writeable = False
-    data, size, descr, flags = _read_array_headers(np.array([id(a) for a in probes], dtype=np.int64))
-    return all(
+    addresses = np.array([id(a) for a in probes], dtype=np.int64)
+    ok, data, size, descr, flags = _read_array_headers(addresses, id(np.ndarray))
+    return ok and all(
         (data[i], size[i], descr[i], flags[i]) == (a.ctypes.data, a.size, id(a.dtype), a.flags.num)
         for i, a in enumerate(probes)
     )
