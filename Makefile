@@ -22,7 +22,12 @@ demo: $(VENV)/.stamp-plot
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.stamp-test
+# The bench compares against PyTorch: the CPU build, pinned.
+$(VENV)/.stamp-torch: | $(VENV)/bin/python
+	$(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+bench: $(VENV)/.stamp-test $(VENV)/.stamp-torch
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -1,0 +1,65 @@
+"""Cold-start costs of gradclip, each measured in a fresh interpreter.
+
+- ``import gradclip`` (NumPy and Numba included);
+- the first ``clip_grad_norm_`` call on the tiny workload with a warm on-disk
+  Numba cache (one unmeasured run fills the cache first);
+- the same first call with a cold cache: ``NUMBA_CACHE_DIR`` points at a new,
+  empty directory, so every kernel it needs is compiled.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+IMPORT_TIME = """
+import time
+start = time.perf_counter()
+import gradclip
+print(time.perf_counter() - start)
+"""
+
+FIRST_CALL_TIME = f"""
+import sys, time
+sys.path.insert(0, {BENCH_DIR!r})
+from workloads import all_workloads
+import gradclip
+grads = next(w for w in all_workloads(quick=True) if w.name == "W5").build().first.arrays
+start = time.perf_counter()
+gradclip.clip_grad_norm_(grads, max_norm=1.0)  # the norm is ~32: this clips
+print(time.perf_counter() - start)
+"""
+
+
+def _seconds_in_fresh_interpreter(code, cache_dir=None):
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last_line = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise RuntimeError(f"a fresh interpreter failed: {last_line}")
+    return float(done.stdout.split()[-1])
+
+
+def _figure(samples):
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "samples_s": samples}
+
+
+def measure_cold_start(runs, compile_runs):
+    """``{"import", "first_call_warm_cache", "first_call_cold_cache"}``, each median/min/samples."""
+    imports = [_seconds_in_fresh_interpreter(IMPORT_TIME) for _ in range(runs)]
+    _seconds_in_fresh_interpreter(FIRST_CALL_TIME)  # fill the on-disk cache
+    warm = [_seconds_in_fresh_interpreter(FIRST_CALL_TIME) for _ in range(runs)]
+    cold = []
+    for _ in range(compile_runs):
+        with tempfile.TemporaryDirectory(prefix="gradclip-bench-numba-") as cache_dir:
+            cold.append(_seconds_in_fresh_interpreter(FIRST_CALL_TIME, cache_dir))
+    return {
+        "import": _figure(imports),
+        "first_call_warm_cache": _figure(warm),
+        "first_call_cold_cache": _figure(cold),
+    }

@@ -1,0 +1,169 @@
+"""The implementations raced against each other, behind one interface.
+
+A contender turns a list of NumPy arrays into its own handle (``prepare``,
+untimed; torch wraps the arrays in tensors sharing their memory) and implements
+the operations it has on that handle::
+
+    grad_norm(h) -> float            clip_grad_norm_(h, max_norm) -> float
+    all_finite(h) -> bool            clip_grad_value_(h, clip_value) -> None
+
+``ops`` lists the operations a contender has. Every implementation writes into
+the same NumPy memory, so the suite can check and restore the data whoever ran.
+"""
+
+import math
+
+import numpy as np
+
+import gradclip
+
+OPS = ("grad_norm", "all_finite", "clip_grad_norm_", "clip_grad_value_")
+WRITING_OPS = ("clip_grad_norm_", "clip_grad_value_")
+EPS = 1e-6
+"""The ``eps`` of ``max_norm / (total + eps)``, as in gradclip and torch."""
+
+
+class GradClip:
+    """The library under test."""
+
+    name = "gradclip"
+    ops = OPS
+
+    def prepare(self, arrays, previous=None):
+        return arrays
+
+    def grad_norm(self, arrays):
+        return gradclip.grad_norm(arrays)
+
+    def all_finite(self, arrays):
+        return gradclip.all_finite(arrays)
+
+    def clip_grad_norm_(self, arrays, max_norm):
+        return gradclip.clip_grad_norm_(arrays, max_norm, eps=EPS)
+
+    def clip_grad_value_(self, arrays, clip_value):
+        gradclip.clip_grad_value_(arrays, clip_value)
+
+
+class NumPy:
+    """The fastest plain-NumPy formulation found, everything inside the timed call.
+
+    Reductions: leaves of at least ``OWN_PASS_MIN`` elements are reduced one by
+    one (BLAS ``dot`` on a view, strided or not, for float32/float64; half
+    formats are widened to float32 in L2-sized chunks, since NumPy's own half
+    ``dot`` accumulates in the half format and overflows); all smaller leaves
+    are joined by one ``np.concatenate(..., axis=None)`` and reduced at once,
+    which beats a Python loop over thousands of leaves several times over.
+    Updates are per leaf and in place: ``g *= coef``, ``np.clip(g, -c, c, out=g)``.
+    Per-leaf sums are added in float64.
+    """
+
+    name = "numpy"
+    ops = OPS
+    OWN_PASS_MIN = 1 << 16
+    WIDEN_CHUNK = 1 << 16
+
+    def prepare(self, arrays, previous=None):
+        return arrays
+
+    def _split(self, arrays):
+        """(large leaves as 1-d views, the small ones joined into one array or None)."""
+        large = [g if g.ndim == 1 else g.ravel(order="K") for g in arrays if g.size >= self.OWN_PASS_MIN]
+        small = [g for g in arrays if g.size < self.OWN_PASS_MIN]
+        return large, np.concatenate(small, axis=None) if small else None
+
+    def _sum_of_squares(self, flat):
+        if flat.dtype.itemsize >= 4:
+            return float(np.dot(flat, flat))
+        total = 0.0
+        for start in range(0, flat.size, self.WIDEN_CHUNK):
+            wide = flat[start : start + self.WIDEN_CHUNK].astype(np.float32)
+            total += float(np.dot(wide, wide))
+        return total
+
+    def grad_norm(self, arrays):
+        large, joined = self._split(arrays)
+        total = sum(self._sum_of_squares(g) for g in large)
+        if joined is not None:
+            total += self._sum_of_squares(joined)
+        return math.sqrt(total)
+
+    def all_finite(self, arrays):
+        large, joined = self._split(arrays)
+        return all(np.isfinite(g).all() for g in large) and (joined is None or bool(np.isfinite(joined).all()))
+
+    def clip_grad_norm_(self, arrays, max_norm):
+        total = self.grad_norm(arrays)
+        if total > max_norm:
+            coef = max_norm / (total + EPS)
+            for g in arrays:
+                g *= coef
+        return total
+
+    def clip_grad_value_(self, arrays, clip_value):
+        for g in arrays:
+            np.clip(g, -clip_value, clip_value, out=g)
+
+
+TORCH_BFLOAT16_NOTE = (
+    "torch on bfloat16: torch.from_numpy knows no ml_dtypes.bfloat16, so the arrays are passed as int16 views "
+    "reinterpreted with .view(torch.bfloat16): the same memory, no copy."
+)
+
+
+class Torch:
+    """``torch.nn.utils`` on tensors sharing the arrays' memory (``torch.from_numpy``).
+
+    Each array becomes the ``.grad`` of a leaf tensor (``torch.empty``, never
+    touched), which is what ``clip_grad_norm_`` and ``clip_grad_value_`` take;
+    ``get_total_norm`` takes the gradient tensors themselves. bfloat16 arrays go
+    through an int16 view (``from_numpy`` knows no ml_dtypes) reinterpreted as
+    ``torch.bfloat16``: the same memory, no copy. torch has no all-finite check
+    in ``torch.nn.utils``, so that operation is absent.
+    """
+
+    ops = ("grad_norm", "clip_grad_norm_", "clip_grad_value_")
+
+    def __init__(self, torch, foreach):
+        self.torch = torch
+        self.foreach = foreach
+        self.name = f"torch foreach={foreach}"
+        nn_utils = torch.nn.utils
+        self._get_total_norm = nn_utils.get_total_norm
+        self._clip_grad_norm_ = nn_utils.clip_grad_norm_
+        self._clip_grad_value_ = nn_utils.clip_grad_value_
+
+    def _tensor(self, array):
+        if array.dtype.name == "bfloat16":
+            return self.torch.from_numpy(array.view(np.int16)).view(self.torch.bfloat16)
+        return self.torch.from_numpy(array)
+
+    def prepare(self, arrays, previous=None):
+        """``(parameters, gradient tensors)``; the parameters of ``previous`` are reused."""
+        grads = [self._tensor(a) for a in arrays]
+        if previous is None:
+            params = [self.torch.empty(g.shape, dtype=g.dtype, requires_grad=True) for g in grads]
+        else:
+            params = previous[0]
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        return params, grads
+
+    def grad_norm(self, handle):
+        return float(self._get_total_norm(handle[1], 2.0, foreach=self.foreach))
+
+    def clip_grad_norm_(self, handle, max_norm):
+        return float(self._clip_grad_norm_(handle[0], max_norm, foreach=self.foreach))
+
+    def clip_grad_value_(self, handle, clip_value):
+        self._clip_grad_value_(handle[0], clip_value, foreach=self.foreach)
+
+
+def all_contenders():
+    """``(contenders, note)``: the note says why torch is missing, else None."""
+    contenders = [GradClip(), NumPy()]
+    try:
+        import torch
+    except ImportError as error:
+        return contenders, f"torch not importable ({error}): the torch contenders are skipped"
+    return contenders + [Torch(torch, foreach=True), Torch(torch, foreach=False)], None

@@ -1,0 +1,343 @@
+"""gradclip microbenchmarks: gradclip vs NumPy vs PyTorch, held against a bandwidth probe.
+
+Run ``make bench`` (``BENCH_ARGS="--quick"`` etc.) or ``.venv/bin/python bench/run.py``::
+
+    --quick          W1 at 16M elements, 3 repeats for the big workloads, and the
+                     others stop after 3 once an operation has taken QUICK_BUDGET_S
+    --only W2,W4     only these workloads or families (W2 = W2, W2-bf16, W2-fp16)
+    --repeats N      repeats for every workload (default 7; see --quick)
+    --markdown       print GitHub-markdown tables instead of fixed-width ones
+    --plot PATH      bar chart of GB/s (needs matplotlib)
+    --no-cold-start  skip the import / first-call / compile timings
+
+For each workload: the probe (``probe.py``) over the same number of bytes, then
+each operation with its contenders interleaved (``timing.py``), on the same
+arrays. Before timing, every contender is warmed up and checked: the norm it
+returns against a float64 reference, and that its clip really changed the
+NumPy data. ``clip_grad_norm_`` gets ``max_norm`` = half the total norm,
+``clip_grad_value_`` a bound of 1 (see ``workloads.py``); in-place operations
+are undone (from a pristine copy, untimed) after every call, so every call
+clips the same data.
+
+Threads: Numba and torch use their defaults (all cores). On a busy machine
+their parallel launches wait for a free core; the tables then say so, and
+``NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1`` gives a single-thread comparison.
+
+Figures per (workload, operation, contender): median and min seconds per call;
+GB/s = gradient bytes x (2 for the clipping operations, which write, else 1) /
+median; "of limit" = the probe's time for the same passes / median (read pass
+for grad_norm and all_finite, read + read-write passes for clip_grad_norm_, the
+read-write pass for clip_grad_value_, a single pass); ns per leaf; gradclip's
+speed-up over torch foreach=True; the norm's relative error. Tables go to
+stdout, progress to stderr, every figure to ``bench/results/<UTC time>.json``.
+"""
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import gradclip
+import numba
+import numpy as np
+
+import report
+from coldstart import measure_cold_start
+from contenders import EPS, OPS, TORCH_BFLOAT16_NOTE, WRITING_OPS, all_contenders
+from probe import measure_probe
+from timing import Timed, measure_interleaved
+from workloads import CLIP_TO, CLIP_VALUE, all_workloads, reference_norm
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+TORCH_REFERENCE = "torch foreach=True"
+
+PROBE_LIMIT = {  # which probe time bounds each operation from below
+    "grad_norm": "read_s",
+    "all_finite": "read_s",
+    "clip_grad_norm_": "two_pass_s",
+    "clip_grad_value_": "read_write_s",
+}
+QUICK_BUDGET_S = 2.0
+"""With --quick, an operation stops repeating after this many seconds (3 repeats at least)."""
+CHECK_SAMPLE = 4096
+"""Elements of the largest leaf compared before and after a warm-up clip."""
+NORM_TOLERANCE = 1e-2
+"""A relative norm error above this flags a contender as broken (below, it is just reported)."""
+
+_START = time.perf_counter()
+
+
+def progress(message):
+    print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="W1 at 16M, 3 repeats for big workloads, a time budget per operation"
+    )
+    parser.add_argument("--only", default="", help="comma-separated workloads or families, e.g. W2,W4")
+    parser.add_argument("--repeats", type=int, help="repeats for every workload")
+    parser.add_argument("--markdown", action="store_true", help="GitHub-markdown tables on stdout")
+    parser.add_argument("--plot", metavar="PATH", help="save a bar chart of GB/s to PATH")
+    parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocesses")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return parser, args
+
+
+def selected_workloads(parser, args):
+    tokens = {token.strip().lower() for token in args.only.split(",") if token.strip()}
+    workloads = all_workloads(args.quick)
+    known = {w.name.lower() for w in workloads} | {w.family.lower() for w in workloads}
+    if tokens - known:
+        parser.error(f"unknown workload(s) {sorted(tokens - known)}; choose from {sorted(known)}")
+    return [w for w in workloads if w.selected_by(tokens)]
+
+
+def repeats_for(workload, args):
+    if args.repeats is not None:
+        return args.repeats
+    return 3 if args.quick and workload.big else 7
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _sample_of_largest_leaf(arrays):
+    largest = max(arrays, key=lambda a: a.size)
+    return np.asarray(largest.flat[:CHECK_SAMPLE], dtype=np.float64)
+
+
+def warm_up_and_check(op, contender, handle, gradient_set, reference, arguments):
+    """Run ``op`` untimed (compiling whatever it needs); returns ``(relative error or None, problems)``.
+
+    A returned norm is compared with ``reference``; a clip must have changed the
+    sample of the largest leaf as the contender's own norm says it should. The
+    data is restored afterwards.
+    """
+    method = getattr(contender, op)
+    problems = []
+    relative_error = None
+    rounding = 1e-2 if gradient_set.arrays[0].dtype.itemsize < 4 else 1e-5  # of one product, 16-bit: coarse
+    before = _sample_of_largest_leaf(gradient_set.pristine)
+    if op == "grad_norm":
+        relative_error = abs(method(handle) - reference) / reference
+    elif op == "all_finite":
+        if not method(handle):
+            problems.append("all_finite said False on finite data")
+    elif op == "clip_grad_norm_":
+        total = method(handle, *arguments)  # the norm before clipping
+        relative_error = abs(total - reference) / reference
+        expected = before * (arguments[0] / (total + EPS))
+        if not np.allclose(_sample_of_largest_leaf(gradient_set.arrays), expected, rtol=rounding, atol=0):
+            problems.append("clip_grad_norm_ did not scale the NumPy data as expected")
+    else:
+        method(handle, *arguments)
+        expected = np.clip(before, -CLIP_VALUE, CLIP_VALUE)
+        if not np.allclose(_sample_of_largest_leaf(gradient_set.arrays), expected, rtol=rounding, atol=0):
+            problems.append("clip_grad_value_ did not clamp the NumPy data as expected")
+    if relative_error is not None and relative_error > NORM_TOLERANCE:
+        problems.append(f"{op} is off by {relative_error:.1e} (relative)")
+    gradient_set.restore()
+    return relative_error, problems
+
+
+# --------------------------------------------------------------- timing
+
+
+def timed_call(op, contender, source, handles, arguments):
+    """A ``Timed`` running ``op(handle, *arguments)`` of ``contender`` on the gradients ``source`` hands out."""
+    method = getattr(contender, op)
+
+    def prepare():
+        gradient_set = source.next()
+        if source.fresh:  # new array objects: the contender wraps them anew, untimed
+            return gradient_set, contender.prepare(gradient_set.arrays, previous=handles[contender.name])
+        return gradient_set, handles[contender.name]
+
+    def call(prepared):
+        return method(prepared[1], *arguments)
+
+    if op in WRITING_OPS:
+        return Timed(contender.name, call, prepare, finish=lambda prepared: prepared[0].restore())
+    return Timed(contender.name, call, prepare)
+
+
+def figures(workload, op, samples, probe, relative_error, problems):
+    median = samples.median
+    traffic = workload.nbytes * (2 if op in WRITING_OPS else 1)
+    return {
+        "median_s": median,
+        "min_s": samples.min,
+        "samples_s": samples.seconds,
+        "calls_per_sample": samples.inner,
+        "gbps": traffic / median / 1e9,
+        "of_limit": probe[PROBE_LIMIT[op]] / median,
+        "ns_per_leaf": median / workload.leaves * 1e9,
+        "relative_error": relative_error,
+        "problems": problems,
+    }
+
+
+def measure_workload(workload, contenders, repeats, budget_s):
+    """Every figure of one workload; its arrays are freed on return."""
+    label = f"{workload.name} ({workload.title}, {workload.dtype_name}, {workload.nbytes / 1e6:.1f} MB)"
+    progress(f"{label}: probe, {repeats} repeats")
+    probe = measure_probe(workload.nbytes, repeats)
+    progress(f"{label}: building {workload.leaves} leaves")
+    source = workload.build()
+    reference = reference_norm(source.first.arrays)
+    arguments = {
+        "grad_norm": (),
+        "all_finite": (),
+        "clip_grad_norm_": (CLIP_TO * reference,),
+        "clip_grad_value_": (CLIP_VALUE,),
+    }
+    handles, operations = {}, {}
+    for op in OPS:
+        racing = [c for c in contenders if op in c.ops]
+        # (Re)bind every contender to the first set: timing a fresh workload leaves them on another.
+        handles = {c.name: c.prepare(source.first.arrays, previous=handles.get(c.name)) for c in racing}
+        progress(f"{label}: {op}, {len(racing)} contenders x {repeats} repeats")
+        checks = {
+            c.name: warm_up_and_check(op, c, handles[c.name], source.first, reference, arguments[op]) for c in racing
+        }
+        for name, (_, problems) in checks.items():
+            for problem in problems:
+                progress(f"  WARNING {workload.name} {name}: {problem}")
+        items = [timed_call(op, c, source, handles, arguments[op]) for c in racing]
+        samples = measure_interleaved(items, repeats, budget_s)
+        rows = {c.name: figures(workload, op, samples[c.name], probe, *checks[c.name]) for c in racing}
+        gradclip_row, torch_row = rows.get("gradclip"), rows.get(TORCH_REFERENCE)
+        if gradclip_row and torch_row:
+            gradclip_row["speedup_vs_torch_foreach"] = torch_row["median_s"] / gradclip_row["median_s"]
+        operations[op] = rows
+    return {
+        "name": workload.name,
+        "title": workload.title,
+        "dtype": workload.dtype_name,
+        "leaves": workload.leaves,
+        "elements": workload.elements,
+        "bytes": workload.nbytes,
+        "strided": workload.strided,
+        "fresh_arrays": workload.fresh,
+        "repeats": repeats,
+        "reference_norm": reference,
+        "max_norm": arguments["clip_grad_norm_"][0],
+        "clip_value": CLIP_VALUE,
+        "probe": probe,
+        "operations": operations,
+    }
+
+
+# ------------------------------------------------------------- machine
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision():
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def machine_info(git_revision, load_at_start):
+    """What the run ran on; ``numba_threading_layer`` is known once a parallel kernel ran."""
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "gradclip": gradclip.__version__,
+        "git": git_revision,
+        "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
+        "NUMBA_NUM_THREADS_env": os.environ.get("NUMBA_NUM_THREADS"),
+        "numba_threading_layer": numba.threading_layer(),
+        "torch": None,
+        "torch_threads": None,
+        "load_average_at_start": load_at_start,
+        "load_average": os.getloadavg(),
+    }
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return info
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    workloads = selected_workloads(parser, args)
+    contenders, torch_note = all_contenders()
+    if torch_note:
+        progress(torch_note)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_at_start = os.getloadavg()
+    git_revision = _git_revision()  # of the gradclip imported now, should the tree change during the run
+    budget_s = QUICK_BUDGET_S if args.quick else math.inf
+    results = [measure_workload(w, contenders, repeats_for(w, args), budget_s) for w in workloads]
+    cold_start, cold_start_failure = None, None
+    if not args.no_cold_start:
+        progress("cold start: fresh interpreters")
+        try:
+            cold_start = measure_cold_start(runs=2 if args.quick else 5, compile_runs=1 if args.quick else 3)
+        except RuntimeError as error:  # keep the figures measured so far
+            cold_start_failure = f"Cold start not measured: {error}"
+            progress(cold_start_failure)
+    notes = [note for note in (torch_note, cold_start_failure) if note]
+    if not torch_note and any(w.dtype_name == "bfloat16" for w in workloads):
+        notes.append(TORCH_BFLOAT16_NOTE)
+    cpus = os.cpu_count() or 1
+    if load_at_start[0] >= cpus / 2:
+        notes.append(
+            f"The machine was busy before the run (1-minute load average {load_at_start[0]:.1f} on {cpus} CPUs): "
+            "multi-threaded launches (Numba's, torch's OpenMP) wait for a free core, so gradclip and torch read "
+            "slower than on a quiet machine, numpy (one thread) less so."
+        )
+    record = {
+        "started_utc": started.isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - _START,
+        "arguments": vars(args),
+        "settings": {
+            "max_norm": f"{CLIP_TO} x the workload's total norm",
+            "clip_value": CLIP_VALUE,
+            "contenders": [c.name for c in contenders],
+        },
+        "notes": notes,
+        "machine": machine_info(git_revision, load_at_start),
+        "workloads": results,
+        "cold_start": cold_start,
+    }
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, started.strftime("%Y%m%dT%H%M%SZ") + ".json")
+    report.write_json(record, path)
+    print(report.render(record, markdown=args.markdown))
+    if args.plot:
+        print(report.plot(record, args.plot))
+    progress(f"done; every figure is in {os.path.relpath(path)}")
+
+
+if __name__ == "__main__":
+    main()
