@@ -74,17 +74,13 @@ def _f32_bits(typingctx, value):
 # ------------------------------------------------------ half-precision codecs
 
 
-@njit
-def _f16_to_f32(h):
-    """float16 bits -> float32, exactly (subnormals, inf and NaN included)."""
-    h = np.uint32(np.uint16(h))
-    mag = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
-        f = _f32_from_bits(mag | np.uint32(0x7F800000))
-    else:
-        # Re-bias the exponent by multiplying: also right for subnormals.
-        f = _f32_from_bits(mag) * np.float32(2.0**112)
-    return -f if h & np.uint32(0x8000) else f
+# Written with conditional expressions on values computed either way (selects rather
+# than branches).
+
+
+_F16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+"""The float32 value of every float16 bit pattern (NumPy's exact conversion, made at
+import without compiling anything). A lookup vectorises; decoding the bits did not."""
 
 
 @njit
@@ -103,37 +99,33 @@ def _f64_to_f32_odd(y):
     """
     f = np.float32(y)
     b = _f32_bits(f)
-    if np.float64(f) != y and (b & np.uint32(1)) == 0 and y == y:
-        if abs(np.float64(f)) > abs(y):
-            b -= np.uint32(1)
-        else:
-            b += np.uint32(1)
-    return b
+    # Inexact and even: step to the odd neighbour on y's side (truncation, then the sticky bit).
+    fix = np.float64(f) != y and (b & np.uint32(1)) == 0 and y == y
+    toward_zero = abs(np.float64(f)) > abs(y)
+    step = np.uint32(0xFFFFFFFF) if toward_zero else np.uint32(1)  # -1 or +1, modulo 2**32
+    return b + step if fix else b
 
 
 @njit
 def _f32_to_bf16(b):
     """float32 bits -> bfloat16 bits, round to nearest-even, NaN kept quiet."""
-    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return (b >> np.uint32(16)) | np.uint32(0x0040)
-    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (b >> np.uint32(16)) | np.uint32(0x0040)
+    return quiet_nan if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
 
 @njit
 def _f32_to_f16(b):
     """float32 bits -> float16 bits, round to nearest-even."""
-    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
     a = b & np.uint32(0x7FFFFFFF)
-    if a > np.uint32(0x7F800000):  # NaN
-        h = np.uint32(0x7E00)
-    elif a >= np.uint32(0x477FF000):  # >= 65520 rounds to inf
-        h = np.uint32(0x7C00)
-    elif a >= np.uint32(0x38800000):  # normal float16 (>= 2**-14)
-        r = a - np.uint32(0x38000000)
-        h = (r + np.uint32(0x0FFF) + ((r >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
-    else:  # subnormal float16 or zero: count units of 2**-24, to nearest-even
-        h = np.uint32(np.rint(np.float64(_f32_from_bits(a)) * 16777216.0))
-    return h | sign
+    rebiased = a - np.uint32(0x38000000)  # wraps below 2**-14, where it is not used
+    normal = (rebiased + np.uint32(0x0FFF) + ((rebiased >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    # below 2**-14: a count of 2**-24 units, rounded to nearest-even
+    subnormal = np.uint32(np.rint(np.float64(_f32_from_bits(a)) * 16777216.0))
+    h = normal if a >= np.uint32(0x38800000) else subnormal
+    h = np.uint32(0x7C00) if a >= np.uint32(0x477FF000) else h  # >= 65520 rounds to inf
+    h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else h  # NaN
+    return h | ((b >> np.uint32(16)) & np.uint32(0x8000))
 
 
 # ------------------------------------------- element decode / encode by type
@@ -154,7 +146,7 @@ def _widen_impl(x):
     if isinstance(x, types.Complex):
         return lambda x: np.complex128(x)
     if x == types.uint16:
-        return lambda x: np.float64(_f16_to_f32(x))
+        return lambda x: np.float64(_F16_VALUES[x])
     if x == types.int16:
         return lambda x: np.float64(_bf16_to_f32(x))
     return None
