@@ -40,11 +40,19 @@ def leaf_norms(batch, p):
     norms = np.sqrt(sums) if p == 2.0 else sums
     suspect = ~(sums >= _TINY) | (sums == math.inf)
     if suspect.any():
-        wide = np.array([a.dtype.itemsize == 8 * (1 + (a.dtype.kind == "c")) for a in batch.arrays])
-        suspect &= wide | ~np.isfinite(sums)
+        suspect &= _float64_based(batch) | ~np.isfinite(sums)  # narrower types cannot underflow
         if suspect.any():
             norms[suspect] = _scaled_norms(batch, p, suspect)[suspect]
     return norms
+
+
+def _float64_based(batch):
+    """Per unique leaf: is it float64 or complex128?"""
+    wide = np.zeros(len(batch.arrays), dtype=bool)
+    for table in batch.tables:
+        if table.witness.dtype in (np.float64, np.complex128):
+            wide[table.seg_leaf] = True
+    return wide
 
 
 def _scaled_norms(batch, p, leaf_mask):

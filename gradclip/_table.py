@@ -9,8 +9,9 @@ row and a stepped slice is one row per outer index. Nothing is copied: the
 kernels read and write the leaves' own memory.
 """
 
-import numpy as np
+import functools
 
+import numpy as np
 
 # The integer type each format travels as inside the kernels (see kernels/cpu.py).
 _KERNEL_DTYPE = {"float16": np.uint16, "bfloat16": np.int16}
@@ -49,15 +50,16 @@ def build(dtype, arrays, leaf_ids):
             continue
         starts, n, step = _runs(array)
         rows = len(starts)
-        strided.append((starts, np.full(rows, n), np.full(rows, step), np.full(rows, leaf)))
+        strided.append((starts, *(np.full(rows, value, dtype=np.int64) for value in (n, step, leaf))))
     flat_columns = ([array.ctypes.data for array in flat], flat_count, [1] * len(flat), flat_leaf)
     columns = [
-        np.concatenate([np.asarray(column, dtype=np.int64), *(rows[i] for rows in strided)]).astype(np.int64)
+        np.concatenate([np.asarray(column, dtype=np.int64), *(rows[i] for rows in strided)])
         for i, column in enumerate(flat_columns)
     ]
     return Table(*columns, witness(dtype))
 
 
+@functools.cache
 def witness(dtype):
     """An empty array of the type ``dtype``'s elements travel as in the kernels."""
     return np.empty(0, _KERNEL_DTYPE.get(dtype.name, dtype))
