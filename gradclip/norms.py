@@ -1,6 +1,5 @@
 """Total and per-leaf gradient norms."""
 
-import numpy as np
 
 from . import _batch, _checks, _cpu
 
