@@ -16,16 +16,16 @@ $(VENV)/.stamp-%: pyproject.toml | $(VENV)/bin/python
 
 comma := ,
 
-demo: $(VENV)/.stamp-plot
-	$(PY) examples/exploding_rnn.py
-
-test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q
-
-# The bench compares against PyTorch: the CPU build, pinned.
+# Tests and bench compare against PyTorch: the CPU build, pinned.
 $(VENV)/.stamp-torch: | $(VENV)/bin/python
 	$(PY) -m pip install -q torch==2.13.0
 	touch $@
+
+demo: $(VENV)/.stamp-plot
+	$(PY) examples/exploding_rnn.py
+
+test: $(VENV)/.stamp-test $(VENV)/.stamp-torch
+	$(PY) -m pytest -q
 
 bench: $(VENV)/.stamp-test $(VENV)/.stamp-torch
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -145,3 +145,124 @@ def check_no_overlap(where, array, function):
             f"{where()} repeats elements (a zero stride, e.g. from broadcasting), so {function} "
             "would update them more than once; pass a copy (np.array(x)) instead"
         )
+
+
+# --------------------------------------------------------------------------- stateful tools
+
+
+def positive(name, value):
+    """``value`` as a float > 0 (inf allowed)."""
+    x = _real(name, value)
+    if not x > 0:
+        raise ValueError(f"{name} must be > 0; got {value!r}")
+    return x
+
+
+def decay(name, value):
+    """An EMA decay factor: a float in [0, 1)."""
+    x = _real(name, value)
+    if not 0 <= x < 1:
+        raise ValueError(
+            f"{name} must be in [0, 1) (the weight the moving average keeps on its past); "
+            f"got {value!r}"
+        )
+    return x
+
+
+def quantile(value):
+    """A quantile level: a float in [0, 1]."""
+    x = _real("quantile", value)
+    if not 0 <= x <= 1:
+        raise ValueError(
+            f"quantile must be in [0, 1] (e.g. 0.1 for the 10th percentile); got {value!r}"
+        )
+    return x
+
+
+def count(name, value, minimum):
+    """``value`` as an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def state_keys(owner, state, expected):
+    """``state`` is a dict with exactly the keys ``expected`` (``owner.state_dict()``'s)."""
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{owner}.load_state_dict expects a dict; got {type(state).__name__}. "
+            f"Pass the dict returned by {owner}.state_dict()."
+        )
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{owner}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
+            f"pass the dict returned by {owner}.state_dict()"
+        )
+
+
+def axis(value):
+    """``None``, or the axes of ``value`` (an int or a tuple of ints) as a tuple."""
+    if value is None:
+        return None
+    axes = value if isinstance(value, tuple) else (value,)
+    if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes):
+        raise TypeError(f"axis must be None, an int or a tuple of ints; got {value!r}")
+    return tuple(int(a) for a in axes)
+
+
+def unit_axes(where, axes, ndim):
+    """``axes`` normalised to ``0 <= a < ndim`` for the leaf ``where()``."""
+    if any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(
+            f"axis {axes} is out of range for {where()}, which has {ndim} dimensions; "
+            "pass axes that every leaf with 2 or more dimensions has"
+        )
+    normalised = tuple(a % ndim for a in axes)
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"axis {axes} names an axis of {where()} twice")
+    return normalised
+
+
+def params_mismatch(grads_path, params_path, detail):
+    return ValueError(
+        f"grads and params differ in structure at {grads_path} / {params_path}: {detail}; "
+        "params must have the containers, keys and lengths of grads (a None gradient skips its "
+        "parameter)"
+    )
+
+
+def shape_mismatch(grads_path, grad_shape, params_path, param_shape):
+    return ValueError(
+        f"{grads_path} has shape {grad_shape} but {params_path} has shape {param_shape}; "
+        "each gradient must have the shape of its parameter"
+    )
+
+
+def recorded_norm(value):
+    """A norm given to NormMonitor.record: >= 0, or NaN / inf (a non-finite step)."""
+    x = float(value)
+    if x < 0:
+        raise ValueError(f"a recorded norm must be >= 0 (or NaN / inf); got {value!r}")
+    return x
+
+
+def recorded_threshold(value):
+    """A clip threshold given to NormMonitor.record: >= 0, inf, or NaN (none this step)."""
+    x = _real("threshold", value)
+    if x < 0:
+        raise ValueError(
+            f"threshold must be >= 0, inf (nothing clips) or NaN (no threshold this step); "
+            f"got {value!r}"
+        )
+    return x
+
+
+def plot_needs_matplotlib(error):
+    return ImportError(
+        f"NormMonitor.plot needs matplotlib, which could not be imported ({error}); install it "
+        "with: pip install 'gradclip[plot]'"
+    )
