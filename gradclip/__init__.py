@@ -1,6 +1,7 @@
 """gradclip: fast, exact gradient norms, clipping and checks on plain arrays."""
 
 from ._checks import NonFiniteGradientError
+from .accumulate import GradAccumulator
 from .adaptive import (
     ClipStats,
     EMAClipper,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipStats",
     "EMAClipper",
+    "GradAccumulator",
     "NonFiniteGradientError",
     "NormMonitor",
     "QuantileClipper",

@@ -35,7 +35,7 @@ class Batch:
     def copy(self):
         """The same leaves as fresh writable arrays (for the out-of-place functions)."""
         arrays = [np.array(array, copy=True) for array in self.arrays]
-        return Batch(self.treedef, arrays, self.unique_of, _tables(arrays), self._originals)
+        return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self._originals)
 
     def rebuild(self):
         """The leaves in the caller's structure; NumPy scalars come back as scalars."""
@@ -72,10 +72,10 @@ def collect(grads, function, *, writes=False, real_only=False):
             arrays.append(array)
             originals.append(leaf)
         unique_of.append(unique)
-    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), _tables(arrays), originals)
+    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables(arrays), originals)
 
 
-def _tables(arrays):
+def tables(arrays):
     """One kernel table per dtype."""
     groups = {}
     for unique, array in enumerate(arrays):

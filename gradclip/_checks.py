@@ -266,3 +266,34 @@ def plot_needs_matplotlib(error):
         f"NormMonitor.plot needs matplotlib, which could not be imported ({error}); install it "
         "with: pip install 'gradclip[plot]'"
     )
+
+
+def accumulator_dtype(value):
+    """``None``, or ``value`` as a supported NumPy dtype for GradAccumulator's buffers."""
+    if value is None:
+        return None
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in SUPPORTED_DTYPES or not dtype.isnative:
+        raise TypeError(
+            f"accumulator_dtype must be None or one of {', '.join(SUPPORTED_DTYPES)} (native byte "
+            f"order); got {value!r}"
+        )
+    return dtype
+
+
+def complex_into_real(where, dtype, accumulator):
+    return TypeError(
+        f"{where} has dtype {dtype} but the accumulator dtype is {accumulator}, which cannot hold "
+        "complex values; pass a complex accumulator_dtype (e.g. np.complex128) or leave it None"
+    )
+
+
+def accumulation_mismatch(where, what, expected, got):
+    return ValueError(
+        f"{where} differs from the accumulation window in {what}: expected {expected}, got {got}; "
+        "every micro-batch must have the structure, shapes and dtypes of the first (the "
+        "accumulated state is unchanged; call reset() to accumulate different gradients)"
+    )

@@ -65,27 +65,74 @@ def witness(dtype):
     return np.empty(0, _KERNEL_DTYPE.get(dtype.name, dtype))
 
 
-def _runs(array):
-    """Start addresses, length and step (in elements) of the runs covering ``array``."""
-    base = array.ctypes.data
-    axes = []
-    for n, s in zip(array.shape, array.strides):
-        if n == 1:
-            continue
-        if s < 0:
-            base += (n - 1) * s
-            s = -s
-        axes.append((n, s))
-    axes.sort(key=lambda axis: axis[1])  # innermost (smallest stride) first
-    merged = [axes[0]]
-    for n, s in axes[1:]:
+def _axes(array):
+    """The axes of ``array`` in walking order: ``(axis, length, stride, flipped)``, innermost first.
+
+    Length-1 axes are left out and negative strides flipped (positive); axes are ordered
+    by stride, zero strides (broadcast axes, which repeat elements) outermost.
+    """
+    axes = [(axis, n, abs(s), s < 0) for axis, (n, s) in enumerate(zip(array.shape, array.strides)) if n != 1]
+    axes.sort(key=lambda axis: (axis[2] == 0, axis[2]))  # stable: ties keep their order
+    return axes
+
+
+def _merged(axes):
+    """``(length, stride)`` of the walking axes after merging those that tile each other."""
+    merged = [axes[0][1:3]]
+    for _, n, s, _ in axes[1:]:
         inner_n, inner_s = merged[-1]
         if s == inner_n * inner_s:
             merged[-1] = (inner_n * n, inner_s)
         else:
             merged.append((n, s))
-    (n, s), outer = merged[0], merged[1:]
+    return merged
+
+
+def _runs(array):
+    """Start addresses, length and step (in elements) of the runs covering ``array``."""
+    axes = _axes(array)
+    base = array.ctypes.data - sum((n - 1) * s for _, n, s, flipped in axes if flipped)
+    (n, s), *outer = _merged(axes)
+    if s == 0:  # every axis is a broadcast one: runs of one element
+        (n, s), outer = (1, array.itemsize), [(n, s), *outer]
     offsets = np.zeros(1, dtype=np.int64)
     for m, t in outer:
         offsets = (offsets[:, None] + np.arange(m, dtype=np.int64) * t).ravel()
     return base + offsets, n, s // array.itemsize
+
+
+def traversal(array):
+    """The order in which `_runs` walks ``array``: ``(axis, flipped)`` pairs, innermost first.
+
+    A dense buffer laid out in this order holds element k of the walk at position k (see
+    `dense_offsets`).
+    """
+    return tuple((axis, flipped) for axis, _, _, flipped in _axes(array))
+
+
+def dense_offsets(array):
+    """For each row of ``_runs(array)``, in its order: where the row starts, in elements,
+    in a dense buffer laid out in ``traversal(array)`` order (rows there have step 1)."""
+    merged = _merged(_axes(array))
+    offsets = np.zeros(1, dtype=np.int64)
+    dense = merged[0][0]  # the dense stride of the next merged axis
+    for m, _ in merged[1:]:
+        offsets = (offsets[:, None] + np.arange(m, dtype=np.int64) * dense).ravel()
+        dense *= m
+    return offsets
+
+
+def dense_view(buffer, offset, shape, order):
+    """A view with ``shape`` of the dense buffer ``buffer[offset:]`` laid out in ``order``
+    (a `traversal`): the element at index i is where a leaf with that traversal puts its own
+    element i."""
+    itemsize = buffer.dtype.itemsize
+    strides = [itemsize] * len(shape)
+    start = offset * itemsize
+    dense = itemsize
+    for axis, flipped in order:
+        strides[axis] = -dense if flipped else dense
+        if flipped:
+            start += (shape[axis] - 1) * dense
+        dense *= shape[axis]
+    return np.ndarray(shape, buffer.dtype, buffer=buffer, offset=start, strides=tuple(strides))

@@ -9,8 +9,21 @@ leaves, and ``path`` names a leaf for error messages (``grads['enc'][1]``).
 
 import numpy as np
 
-_LEAF = object()
-_NONE = object()
+class _Marker:
+    """A treedef placeholder that pickles by name, so treedefs can be checkpointed."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __reduce__(self):
+        return self._name
+
+    def __repr__(self):
+        return self._name
+
+
+_LEAF = _Marker("_LEAF")
+_NONE = _Marker("_NONE")
 
 
 def _is_array_like(obj):
@@ -86,3 +99,30 @@ def _find(treedef, position, seen):
         if below is not None:
             return [keys[i] if keys is not None else i, *below]
     return None
+
+
+def difference(expected, got, where="grads"):
+    """``(path, expected, got)`` described at the first place two treedefs differ, or None."""
+    if expected == got:
+        return None
+    if not (isinstance(expected, tuple) and isinstance(got, tuple)) or expected[0] is not got[0]:
+        return where, _describe(expected), _describe(got)
+    (_, keys, children), (_, got_keys, got_children) = expected, got
+    if keys != got_keys:
+        return where, f"keys {keys}", f"keys {got_keys}"
+    if len(children) != len(got_children):
+        return where, f"length {len(children)}", f"length {len(got_children)}"
+    for i, (mine, theirs) in enumerate(zip(children, got_children)):
+        found = difference(mine, theirs, f"{where}[{(keys[i] if keys is not None else i)!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(treedef):
+    if treedef is _LEAF:
+        return "an array"
+    if treedef is _NONE:
+        return "None"
+    kind, keys, children = treedef
+    return f"a {kind.__name__} of {len(children)}" + (f" with keys {keys}" if keys is not None else "")

@@ -24,6 +24,8 @@ Accumulation is in float64. ``fastmath`` allows reassociation and contraction
 seen.
 """
 
+import functools
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -491,7 +493,7 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
 # NumPy's array object, ``PyArrayObject_fields``: after the object header (reference
 # count, type) come data (char *), nd (int), dimensions (npy_intp *), strides, base,
 # descr and flags (int).
-_TYPE, _DATA, _NDIM, _DIMS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
+_TYPE, _DATA, _NDIM, _DIMS, _STRIDES, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 56, 64
 
 
 @njit
@@ -538,26 +540,122 @@ def array_headers(objects):
     confirmed once against NumPy's own answers; where it differs (another
     interpreter build) this always returns None and callers take the general path.
     """
-    global _headers_confirmed
-    if _headers_confirmed is None:
-        _headers_confirmed = _confirm_header_layout()
-    if not _headers_confirmed:
+    if not _header_layout_confirmed():
         return None
     addresses = np.fromiter(map(id, objects), dtype=np.int64, count=len(objects))
     ok, *headers = _read_array_headers(addresses, id(np.ndarray))
     return headers if ok else None
 
 
-def _confirm_header_layout():
-    probes = [np.empty((3, 5), np.float32), np.empty((4, 2), order="F"), np.zeros(7)[::2], np.array(1.5)]
+# ------------------------------------------------------------- accumulation
+# ``accumulate_table`` adds every leaf of one table into a buffer of its own: the
+# source rows are the table's (any layout, any step); destination row ``r`` is
+# contiguous, ``count[r]`` elements from the address ``dst_addr[r]``, of the
+# buffers' element type (``dst_witness``). The chunks are the table's, so the
+# serial and the parallel driver write the same bits.
+
+
+@njit(fastmath=FAST, cache=True)
+def accumulate_cpu_(dst, src, first):
+    """dst <- round(src) if ``first``, else dst <- round(dst + src), the sum in float64.
+
+    ``dst`` is a contiguous chunk of a buffer, ``src`` the grad elements that land there
+    (contiguous or strided); complex values are added and rounded part by part.
+    """
+    if first:
+        for i in range(dst.size):
+            dst[i] = _narrow(_widen(src[i]), dst)
+    else:
+        for i in range(dst.size):
+            dst[i] = _narrow(_widen(dst[i]) + _widen(src[i]), dst)
+
+
+@njit
+def _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_witness):
+    r, lo, n = _chunk_row(k, starts, count)
+    dst = numba.carray(_voidptr(dst_addr[r] + lo * dst_witness.itemsize), (n,), dst_witness.dtype)
+    start = addr[r] + lo * step[r] * witness.itemsize
+    if step[r] == 1:
+        accumulate_cpu_(dst, numba.carray(_voidptr(start), (n,), witness.dtype), first)
+    else:
+        w = numba.carray(_voidptr(start), ((n - 1) * step[r] + 1,), witness.dtype)
+        accumulate_cpu_(dst, w[:: step[r]], first)
+
+
+@njit(cache=True)
+def _accumulate_serial(addr, count, step, dst_addr, first, witness, dst_witness):
+    starts = _chunk_starts(count)
+    for k in range(starts[-1]):
+        _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_witness)
+
+
+@njit(cache=True, parallel=True)
+def _accumulate_parallel(addr, count, step, dst_addr, first, witness, dst_witness):
+    starts = _chunk_starts(count)
+    for k in prange(starts[-1]):
+        _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_witness)
+
+
+def accumulate_table(table, dst_addr, dst_witness, first):
+    """Add every row of ``table`` into the contiguous rows at ``dst_addr`` (int64, one per row).
+
+    ``first``: write the (rounded) grads instead of adding them, the first micro-batch
+    of a window. ``dst_witness`` is an empty array of the buffers' kernel element type.
+    """
+    driver = _accumulate_parallel if table.size >= PARALLEL_MIN else _accumulate_serial
+    driver(table.addr, table.count, table.step, dst_addr, bool(first), table.witness, dst_witness)
+
+
+"""``PyArrayObject_fields.strides`` (npy_intp *), after ``dimensions``."""
+
+
+@njit(cache=True)
+def _read_layouts(object_addresses, ndarray_type):
+    total = 0
+    for obj in object_addresses:
+        if _load_int64(obj + _TYPE) != ndarray_type:  # checked before reading further
+            return False, np.empty(0, np.int64)
+        total += 2 + 2 * _load_int32(obj + _NDIM)
+    out = np.empty(total, np.int64)
+    j = 0
+    for obj in object_addresses:
+        ndim = _load_int32(obj + _NDIM)
+        out[j] = ndim
+        out[j + 1] = _load_int64(obj + _DESCR)
+        dims, strides = _load_int64(obj + _DIMS), _load_int64(obj + _STRIDES)
+        for axis in range(ndim):
+            out[j + 2 + axis] = _load_int64(dims + 8 * axis)
+            out[j + 2 + ndim + axis] = _load_int64(strides + 8 * axis)
+        j += 2 + 2 * ndim
+    return True, out
+
+
+def array_layouts(arrays):
+    """The dtype object, shape and strides of ``numpy.ndarray``s, as one int64 array.
+
+    Per array: ndim, the dtype object's address, the shape, the strides. Two lists of
+    arrays with equal layouts give equal results. None unless every object is an exact
+    ``numpy.ndarray`` and the header layout is confirmed (as for `array_headers`).
+    """
+    if not _header_layout_confirmed():
+        return None
+    addresses = np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays))
+    ok, layouts = _read_layouts(addresses, id(np.ndarray))
+    return layouts if ok else None
+
+
+@functools.cache
+def _header_layout_confirmed():
+    """Whether the array object fields read above are where this NumPy keeps them."""
+    probes = [np.empty((3, 5), np.float32), np.empty((4, 2), order="F"), np.zeros((6, 7))[::2, ::-3], np.array(1.5)]
     probes[2].flags.writeable = False
     addresses = np.array([id(a) for a in probes], dtype=np.int64)
     ok, data, size, descr, flags = _read_array_headers(addresses, id(np.ndarray))
-    return ok and all(
+    headers_match = ok and all(
         (data[i], size[i], descr[i], flags[i]) == (a.ctypes.data, a.size, id(a.dtype), a.flags.num)
         for i, a in enumerate(probes)
     )
-
-
-_headers_confirmed = None
+    ok, layouts = _read_layouts(addresses, id(np.ndarray))
+    expected = [x for a in probes for x in (a.ndim, id(a.dtype), *a.shape, *a.strides)]
+    return headers_match and ok and layouts.tolist() == expected
 

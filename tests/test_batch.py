@@ -54,3 +54,20 @@ def test_read_only_and_complex_leaves_take_the_general_path():
     assert _batch._collect_plain([x], None, writes=False, real_only=False) is not None
     z = np.ones(3, np.complex64)
     assert _batch._collect_plain([z], None, writes=False, real_only=True) is None
+
+
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        lambda x: np.broadcast_to(x, (5, x.size)),
+        lambda x: np.broadcast_to(x[:, None], (x.size, 4))[::-1],
+        lambda x: np.broadcast_to(x[0], (3, 4)),  # every axis repeats one element
+    ],
+    ids=["rows", "columns-reversed", "scalar"],
+)
+def test_broadcast_leaves_are_read_with_their_repeats(make_view, rng):
+    view = make_view(random_values(7, np.float32, rng))
+    expected = np.ascontiguousarray(view)
+    for p in (1.0, 2.0, np.inf):  # other rows, so other partial sums: equal to rounding
+        assert gc.grad_norm(view, p) == pytest.approx(gc.grad_norm(expected, p), rel=1e-14)
+    assert gc.all_finite(view)

@@ -1,0 +1,343 @@
+"""Gradient accumulation over micro-batches (SPEC §5).
+
+`GradAccumulator` owns one buffer per leaf, allocated when it first sees the
+gradients and reused for every later window. Each micro-batch is added by one
+fused kernel per dtype (``accumulate_table`` in ``kernels/cpu.py``) that reads
+the grads where they lie, in any layout, and writes the buffers contiguously.
+
+How a buffer is laid out: ``_table.build`` walks a leaf in its own memory order
+(``_table.traversal``); element k of that walk is stored at buffer element k. The
+result handed back for a leaf is a view of its buffer with the leaf's shape and
+strides that follow the same walk (``_table.dense_view``), so a transposed grad
+gets a transposed-looking result with every value at its own index.
+"""
+
+import numpy as np
+
+from . import _batch, _checks, _cpu, _table, _tree
+from ._kernels import cpu as kernels
+
+_HALF = ("float16", "bfloat16")
+_ALIGN = 64
+"""Each leaf's buffer starts on a multiple of this many bytes of the one allocation."""
+
+_CONFIG = ("accum_steps", "average", "accumulator_dtype", "skip_nonfinite", "copy_result")
+_STATE = ("current_step", "skipped", "structure", "buffers")
+
+
+class GradAccumulator:
+    """Sum (or average) gradients over ``accum_steps`` micro-batches.
+
+    Parameters
+    ----------
+    accum_steps : int
+        Micro-batches per window, ``>= 1``.
+    average : bool, default True
+        Return the mean: the sum multiplied by ``1 / accum_steps`` (a float64 factor,
+        the product rounded once to the accumulator dtype). Otherwise the sum.
+    accumulator_dtype : dtype, optional
+        The buffers' (and results') dtype. Default: float32 for float16 / bfloat16
+        grads, the grads' own dtype otherwise. Complex grads need a complex one.
+    skip_nonfinite : bool, default False
+        Drop a micro-batch holding any NaN or inf (checked before anything is
+        written): it is counted in `skipped` and does not advance the window. When
+        false, non-finite values are accumulated like any others.
+    copy_result : bool, default True
+        What `step` returns at the end of a window. True: new arrays, which later
+        steps never change. False (zero-copy): views of the accumulator's own
+        buffers, valid until the next call to `step`, `reset` or `load_state_dict`,
+        which overwrite or drop them; copy what you keep longer.
+
+    Notes
+    -----
+    Each element is accumulated as ``round(float64(buf) + float64(g))`` (complex:
+    per part), rounded to the accumulator dtype after every add; the first
+    micro-batch of a window writes ``round(g)``. Grads are read in place in any
+    layout. The structure (containers, keys, ``None`` positions), shapes and
+    dtypes are fixed by the first micro-batch accepted after construction or
+    `reset`; the buffers are allocated then, once, and reused by every window. A
+    later micro-batch that differs raises ``ValueError`` and changes nothing. A
+    leaf whose memory order differs from that first micro-batch's (e.g. transposed
+    where it was not) is read through one temporary copy.
+
+    Examples
+    --------
+    >>> import numpy as np, gradclip
+    >>> acc = gradclip.GradAccumulator(2)
+    >>> acc.step({"w": np.array([1.0, 2.0])}) is None
+    True
+    >>> acc.step({"w": np.array([3.0, 6.0])})
+    {'w': array([2., 4.])}
+    >>> acc.current_step
+    0
+    """
+
+    def __init__(self, accum_steps, *, average=True, accumulator_dtype=None, skip_nonfinite=False, copy_result=True):
+        self._accum_steps = _checks.count("accum_steps", accum_steps, 1)
+        self._average = bool(average)
+        self._accumulator_dtype = _checks.accumulator_dtype(accumulator_dtype)
+        self._skip_nonfinite = bool(skip_nonfinite)
+        self._copy_result = bool(copy_result)
+        self._current_step = 0
+        self._skipped = 0
+        self._window = None  # the _Buffers, from the first accepted micro-batch on
+
+    accum_steps = property(lambda self: self._accum_steps, doc="Micro-batches per window.")
+    current_step = property(lambda self: self._current_step, doc="Micro-batches accumulated in this window.")
+    skipped = property(
+        lambda self: self._skipped,
+        doc="Non-finite micro-batches dropped (``skip_nonfinite=True``) since construction or `reset`.",
+    )
+    average = property(lambda self: self._average)
+    accumulator_dtype = property(lambda self: self._accumulator_dtype, doc="As given (None: by the grads' dtype).")
+    skip_nonfinite = property(lambda self: self._skip_nonfinite)
+    copy_result = property(lambda self: self._copy_result)
+
+    def step(self, grads):
+        """Add one micro-batch.
+
+        Parameters
+        ----------
+        grads : array, iterable of arrays, or nested dict / list / tuple of arrays
+            Read only, never written.
+
+        Returns
+        -------
+        None, or the structure of ``grads``
+            None until the ``accum_steps``-th accepted micro-batch of the window; then
+            the sum or mean in the accumulator dtype (NumPy-scalar leaves as NumPy
+            scalars), and a new window starts.
+
+        Raises
+        ------
+        ValueError
+            Structure, a shape or a dtype differs from the window's; nothing changed.
+        TypeError
+            A leaf that is not an array, an unsupported dtype, or complex grads with a
+            real ``accumulator_dtype``.
+        """
+        batch = _batch.collect(grads, "GradAccumulator.step")
+        identity = len(batch.arrays) == len(batch.unique_of)
+        arrays = batch.arrays if identity else [batch.arrays[u] for u in batch.unique_of]
+        layouts = _layouts(arrays)
+        window = self._window
+        if window is None:
+            window = _Buffers.plan(batch.treedef, arrays, self._accumulator_dtype)
+        else:
+            window.check(batch.treedef, arrays, layouts)
+        if self._skip_nonfinite and _cpu.count_nonfinite(batch):
+            self._skipped += 1
+            return None
+        if self._window is None:
+            window.allocate()
+            self._window = window
+        window.add(batch, arrays, identity, layouts, first=self._current_step == 0)
+        self._current_step += 1
+        if self._current_step < self._accum_steps:
+            return None
+        self._current_step = 0
+        coef = 1.0 / self._accum_steps if self._average else 1.0
+        originals = [batch._originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
+        return window.result(coef, self._copy_result, originals)
+
+    def reset(self):
+        """Drop the window: accumulated values, structure and buffers, and zero `skipped`."""
+        self._current_step = 0
+        self._skipped = 0
+        self._window = None
+
+    def state_dict(self):
+        """The configuration, the position in the window, the structure and the buffers.
+
+        Returns
+        -------
+        dict
+            A snapshot (the buffers are copies) that later steps do not change; it
+            pickles. `load_state_dict` of a new accumulator continues bit for bit.
+        """
+        state = {name: getattr(self, name) for name in _CONFIG}
+        state.update(current_step=self._current_step, skipped=self._skipped, structure=None, buffers=None)
+        if self._window is not None:
+            state["structure"], state["buffers"] = self._window.snapshot()
+        return state
+
+    def load_state_dict(self, state):
+        """Restore a `state_dict`; the accumulator is unchanged if it raises.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Keys missing or unexpected, or values that do not fit together.
+        """
+        _checks.state_keys("GradAccumulator", state, _CONFIG + _STATE)
+        restored = GradAccumulator(**{name: state[name] for name in _CONFIG})
+        current = _checks.count("current_step", state["current_step"], 0)
+        skipped = _checks.count("skipped", state["skipped"], 0)
+        if current >= restored.accum_steps or (current and state["structure"] is None):
+            raise ValueError(
+                f"GradAccumulator.load_state_dict: current_step {current} does not fit accum_steps "
+                f"{restored.accum_steps} and the saved buffers; pass the dict returned by state_dict()"
+            )
+        if state["structure"] is not None:
+            restored._window = _Buffers.restore(state["structure"], state["buffers"], restored.accumulator_dtype)
+        restored._current_step, restored._skipped = current, skipped
+        self.__dict__.update(restored.__dict__)
+
+    def __repr__(self):
+        config = ", ".join(f"{name}={getattr(self, name)!r}" for name in _CONFIG)
+        return f"GradAccumulator({config})"
+
+
+class _Buffers:
+    """The window's structure and its buffers: one allocation, one dense run per position."""
+
+    def __init__(self, treedef, shapes, dtypes, orders, accumulators):
+        self.treedef = treedef
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.orders = orders  # per position, the `_table.traversal` the buffer follows
+        self.accumulators = accumulators
+        self.layouts = None  # `_layouts` of the last micro-batch whose every leaf followed `orders`
+        self.pinned = None  # and its dtype objects, whose addresses `layouts` holds
+        self.sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
+        self.flats = self.views = self.address = self.batch = None
+
+    @classmethod
+    def plan(cls, treedef, arrays, accumulator_dtype):
+        """The buffers for micro-batches like ``arrays`` (not allocated yet)."""
+        accumulators = []
+        for position, array in enumerate(arrays):
+            dtype = array.dtype
+            acc = accumulator_dtype or (np.dtype(np.float32) if dtype.name in _HALF else dtype)
+            if dtype.kind == "c" and acc.kind != "c":
+                raise _checks.complex_into_real(_tree.path(treedef, position), dtype, acc)
+            accumulators.append(acc)
+        orders = [_table.traversal(array) for array in arrays]
+        return cls(treedef, [a.shape for a in arrays], [a.dtype for a in arrays], orders, accumulators)
+
+    def allocate(self):
+        ends = np.cumsum([_ALIGN * -(-n * acc.itemsize // _ALIGN) for n, acc in zip(self.sizes, self.accumulators)])
+        arena = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        self.flats = [
+            arena[start : start + n * acc.itemsize].view(acc)
+            for start, n, acc in zip(starts.tolist(), self.sizes.tolist(), self.accumulators)
+        ]
+        self.views = [
+            _table.dense_view(flat, 0, shape, order) for flat, shape, order in zip(self.flats, self.shapes, self.orders)
+        ]
+        self.address = arena.ctypes.data + starts
+        positions = np.arange(len(self.flats))
+        self.batch = _batch.Batch(self.treedef, self.flats, positions, _batch.tables(self.flats), self.flats)
+
+    def check(self, treedef, arrays, layouts):
+        """Raise (changing nothing) unless ``arrays`` fit the window."""
+        if treedef != self.treedef:
+            where, expected, got = _tree.difference(self.treedef, treedef)
+            raise _checks.accumulation_mismatch(where, "structure", expected, got)
+        if _same(layouts, self.layouts):  # the shapes and dtypes too
+            return
+        for what, mine in (("shape", self.shapes), ("dtype", self.dtypes)):
+            theirs = [getattr(a, what) for a in arrays]
+            if theirs != mine:
+                position = next(i for i, (m, t) in enumerate(zip(mine, theirs)) if m != t)
+                raise _checks.accumulation_mismatch(
+                    _tree.path(treedef, position), what, mine[position], theirs[position]
+                )
+
+    def add(self, batch, arrays, identity, layouts, first):
+        """Accumulate ``arrays`` (one per position) into the buffers."""
+        sources, tables = arrays, batch.tables
+        if not _same(layouts, self.layouts):
+            sources = [self._in_buffer_order(p, a) for p, a in enumerate(arrays)]
+            if all(s is a for s, a in zip(sources, arrays)):
+                self.layouts = layouts
+                self.pinned = [a.dtype for a in arrays]  # their addresses stay theirs
+            else:
+                identity = False
+        if not identity:  # a repeated array, or copies: rows per position
+            tables = _batch.tables(sources)
+        for table in tables:
+            if table.size:
+                acc = self.accumulators[table.seg_leaf[0]]
+                kernels.accumulate_table(table, self._dst_rows(table, sources), _table.witness(acc), first)
+
+    def _in_buffer_order(self, position, array):
+        """``array``, or a copy of it that walks in the order of the position's buffer (also
+        made where a zero stride repeats elements: the kernels take steps >= 1)."""
+        order = self.orders[position]
+        if _table.traversal(array) == order and all(s or n == 1 for n, s in zip(array.shape, array.strides)):
+            return array
+        copy = _table.dense_view(np.empty(array.size, array.dtype), 0, array.shape, order)
+        copy[...] = array
+        return copy
+
+    def _dst_rows(self, table, sources):
+        """Where each row of ``table`` lands: its leaf's buffer, after the leaf's earlier rows."""
+        leaf = table.seg_leaf
+        dst = self.address[leaf]
+        split = np.flatnonzero(table.count != self.sizes[leaf])  # leaves of several rows
+        if split.size:
+            for position in np.unique(leaf[split]).tolist():
+                rows = np.flatnonzero(leaf == position)
+                itemsize = self.accumulators[position].itemsize
+                dst[rows] += _table.dense_offsets(sources[position]) * itemsize
+        return dst
+
+    def result(self, coef, copy, originals):
+        positions = self.batch.unique_of
+        if copy:
+            out = _batch.Batch(self.treedef, self.views, positions, [], originals).copy()
+            if coef != 1.0:
+                _cpu.scale_(out, np.full(len(out.arrays), coef))
+            return out.rebuild()
+        if coef != 1.0:
+            _cpu.scale_(self.batch, np.full(len(self.flats), coef))
+        return _batch.Batch(self.treedef, self.views, positions, [], originals).rebuild()
+
+    def snapshot(self):
+        structure = {
+            "treedef": self.treedef,
+            "shapes": list(self.shapes),
+            "dtypes": list(self.dtypes),
+            "orders": list(self.orders),
+        }
+        return structure, [flat.copy() for flat in self.flats]
+
+    @classmethod
+    def restore(cls, structure, buffers, accumulator_dtype):
+        if not isinstance(structure, dict) or set(structure) != {"treedef", "shapes", "dtypes", "orders"}:
+            raise ValueError("GradAccumulator.load_state_dict: 'structure' is not one saved by state_dict()")
+        dtypes = [np.dtype(d) for d in structure["dtypes"]]
+        shapes = [tuple(s) for s in structure["shapes"]]
+        orders = [tuple((int(a), bool(f)) for a, f in order) for order in structure["orders"]]
+        accumulators = [accumulator_dtype or (np.dtype(np.float32) if d.name in _HALF else d) for d in dtypes]
+        window = cls(structure["treedef"], shapes, dtypes, orders, accumulators)
+        if (
+            not isinstance(buffers, (list, tuple))
+            or len(buffers) != len(shapes)
+            or any(
+                np.asarray(b).dtype != acc or np.size(b) != n
+                for b, acc, n in zip(buffers, accumulators, window.sizes)
+            )
+        ):
+            raise ValueError(
+                "GradAccumulator.load_state_dict: the saved buffers do not match the saved structure "
+                "and accumulator dtype; pass the dict returned by state_dict()"
+            )
+        window.allocate()
+        for flat, saved in zip(window.flats, buffers):
+            flat[...] = np.asarray(saved).reshape(-1)
+        return window
+
+
+def _layouts(arrays):
+    """Something equal for two lists of arrays with the same dtypes, shapes and strides."""
+    layouts = kernels.array_layouts(arrays)  # one kernel call for many arrays
+    return [(a.dtype, a.shape, a.strides) for a in arrays] if layouts is None else layouts
+
+
+def _same(layouts, other):
+    if isinstance(layouts, np.ndarray) and isinstance(other, np.ndarray):
+        return layouts.size == other.size and bool((layouts == other).all())
+    return type(layouts) is type(other) and layouts == other
