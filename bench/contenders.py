@@ -6,6 +6,7 @@ the operations it has on that handle::
 
     grad_norm(h) -> float            clip_grad_norm_(h, max_norm) -> float
     all_finite(h) -> bool            clip_grad_value_(h, clip_value) -> None
+    accumulate(h) -> None            (one micro-batch added into buffers the handle owns)
 
 ``ops`` lists the operations a contender has. Every implementation writes into
 the same NumPy memory, so the suite can check and restore the data whoever ran.
@@ -17,32 +18,47 @@ import numpy as np
 
 import gradclip
 
-OPS = ("grad_norm", "all_finite", "clip_grad_norm_", "clip_grad_value_")
+OPS = ("grad_norm", "all_finite", "clip_grad_norm_", "clip_grad_value_", "accumulate")
 WRITING_OPS = ("clip_grad_norm_", "clip_grad_value_")
 EPS = 1e-6
 """The ``eps`` of ``max_norm / (total + eps)``, as in gradclip and torch."""
 
 
+def accumulator_dtype(dtype):
+    """The buffers' dtype of an accumulation: float32 for half precision, else the grads'."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
 class GradClip:
-    """The library under test."""
+    """The library under test. Its handle is ``(arrays, accumulator)``; the
+    accumulator (a window that never closes, so every timed ``step`` adds into
+    its buffers) carries over to fresh arrays of the same workload."""
 
     name = "gradclip"
     ops = OPS
 
     def prepare(self, arrays, previous=None):
-        return arrays
+        if previous is None:
+            accumulator = gradclip.GradAccumulator(2**62, copy_result=False)
+            accumulator.step(arrays)  # the first micro-batch of a window only copies
+        else:
+            accumulator = previous[1]
+        return arrays, accumulator
 
-    def grad_norm(self, arrays):
-        return gradclip.grad_norm(arrays)
+    def grad_norm(self, handle):
+        return gradclip.grad_norm(handle[0])
 
-    def all_finite(self, arrays):
-        return gradclip.all_finite(arrays)
+    def all_finite(self, handle):
+        return gradclip.all_finite(handle[0])
 
-    def clip_grad_norm_(self, arrays, max_norm):
-        return gradclip.clip_grad_norm_(arrays, max_norm, eps=EPS)
+    def clip_grad_norm_(self, handle, max_norm):
+        return gradclip.clip_grad_norm_(handle[0], max_norm, eps=EPS)
 
-    def clip_grad_value_(self, arrays, clip_value):
-        gradclip.clip_grad_value_(arrays, clip_value)
+    def clip_grad_value_(self, handle, clip_value):
+        gradclip.clip_grad_value_(handle[0], clip_value)
+
+    def accumulate(self, handle):
+        handle[1].step(handle[0])
 
 
 class NumPy:
@@ -54,8 +70,9 @@ class NumPy:
     ``dot`` accumulates in the half format and overflows); all smaller leaves
     are joined by one ``np.concatenate(..., axis=None)`` and reduced at once,
     which beats a Python loop over thousands of leaves several times over.
-    Updates are per leaf and in place: ``g *= coef``, ``np.clip(g, -c, c, out=g)``.
-    Per-leaf sums are added in float64.
+    Updates are per leaf and in place: ``g *= coef``, ``np.clip(g, -c, c, out=g)``,
+    ``np.add(buf, g, out=buf)``. Per-leaf sums are added in float64. The handle is
+    ``(arrays, buffers)``, the buffers carrying over to fresh arrays.
     """
 
     name = "numpy"
@@ -64,7 +81,11 @@ class NumPy:
     WIDEN_CHUNK = 1 << 16
 
     def prepare(self, arrays, previous=None):
-        return arrays
+        if previous is None:
+            buffers = [g.astype(accumulator_dtype(g.dtype)) for g in arrays]
+        else:
+            buffers = previous[1]
+        return arrays, buffers
 
     def _split(self, arrays):
         """(large leaves as 1-d views, the small ones joined into one array or None)."""
@@ -81,28 +102,32 @@ class NumPy:
             total += float(np.dot(wide, wide))
         return total
 
-    def grad_norm(self, arrays):
-        large, joined = self._split(arrays)
+    def grad_norm(self, handle):
+        large, joined = self._split(handle[0])
         total = sum(self._sum_of_squares(g) for g in large)
         if joined is not None:
             total += self._sum_of_squares(joined)
         return math.sqrt(total)
 
-    def all_finite(self, arrays):
-        large, joined = self._split(arrays)
+    def all_finite(self, handle):
+        large, joined = self._split(handle[0])
         return all(np.isfinite(g).all() for g in large) and (joined is None or bool(np.isfinite(joined).all()))
 
-    def clip_grad_norm_(self, arrays, max_norm):
-        total = self.grad_norm(arrays)
+    def clip_grad_norm_(self, handle, max_norm):
+        total = self.grad_norm(handle)
         if total > max_norm:
             coef = max_norm / (total + EPS)
-            for g in arrays:
+            for g in handle[0]:
                 g *= coef
         return total
 
-    def clip_grad_value_(self, arrays, clip_value):
-        for g in arrays:
+    def clip_grad_value_(self, handle, clip_value):
+        for g in handle[0]:
             np.clip(g, -clip_value, clip_value, out=g)
+
+    def accumulate(self, handle):
+        for buffer, g in zip(handle[1], handle[0]):
+            np.add(buffer, g, out=buffer)
 
 
 TORCH_BFLOAT16_NOTE = (

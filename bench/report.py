@@ -156,8 +156,9 @@ def problems(record):
 def render(record, markdown=False):
     """Every table of ``record``, fixed-width or markdown."""
     legend = (
-        "GB/s: gradient bytes (x2 for the clips, which write) per second. of limit: the bandwidth probe's time "
-        "for the same passes / median. vs torch: torch foreach=True median / gradclip median. rel. error: "
+        "GB/s: gradient bytes (x2 for the clips, which write; accumulate adds its buffers' read and write) per "
+        "second. of limit: the bandwidth probe's time for the same passes (accumulate: its bytes at the probe's "
+        "read+write rate) / median. vs torch: torch foreach=True median / gradclip median. rel. error: "
         "the returned norm vs a float64 reference."
     )
     parts = [machine_summary(record), *record["notes"]]

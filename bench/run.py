@@ -25,9 +25,12 @@ their parallel launches wait for a free core; the tables then say so, and
 
 Figures per (workload, operation, contender): median and min seconds per call;
 GB/s = gradient bytes x (2 for the clipping operations, which write, else 1) /
-median; "of limit" = the probe's time for the same passes / median (read pass
-for grad_norm and all_finite, read + read-write passes for clip_grad_norm_, the
-read-write pass for clip_grad_value_, a single pass); ns per leaf; gradclip's
+median, and for ``accumulate`` (``GradAccumulator.step`` against ``buf += g``)
+the gradients read plus the buffers read and written; "of limit" = the probe's
+time for the same passes / median (read pass for grad_norm and all_finite, read
++ read-write passes for clip_grad_norm_, the read-write pass for
+clip_grad_value_, a single pass; accumulate's bytes at the probe's read-write
+rate); ns per leaf; gradclip's
 speed-up over torch foreach=True; the norm's relative error. Tables go to
 stdout, progress to stderr, every figure to ``bench/results/<UTC time>.json``.
 """
@@ -47,7 +50,7 @@ import numpy as np
 
 import report
 from coldstart import measure_cold_start
-from contenders import EPS, OPS, TORCH_BFLOAT16_NOTE, WRITING_OPS, all_contenders
+from contenders import EPS, OPS, TORCH_BFLOAT16_NOTE, WRITING_OPS, accumulator_dtype, all_contenders
 from probe import measure_probe
 from timing import Timed, measure_interleaved
 from workloads import CLIP_TO, CLIP_VALUE, all_workloads, reference_norm
@@ -61,6 +64,7 @@ PROBE_LIMIT = {  # which probe time bounds each operation from below
     "all_finite": "read_s",
     "clip_grad_norm_": "two_pass_s",
     "clip_grad_value_": "read_write_s",
+    "accumulate": "read_write_gbps",  # at the probe's read+write rate, for its own traffic
 }
 QUICK_BUDGET_S = 2.0
 """With --quick, an operation stops repeating after this many seconds (3 repeats at least)."""
@@ -138,6 +142,8 @@ def warm_up_and_check(op, contender, handle, gradient_set, reference, arguments)
         expected = before * (arguments[0] / (total + EPS))
         if not np.allclose(_sample_of_largest_leaf(gradient_set.arrays), expected, rtol=rounding, atol=0):
             problems.append("clip_grad_norm_ did not scale the NumPy data as expected")
+    elif op == "accumulate":
+        method(handle, *arguments)  # adds into the contender's buffers; the grads are only read
     else:
         method(handle, *arguments)
         expected = np.clip(before, -CLIP_VALUE, CLIP_VALUE)
@@ -170,16 +176,26 @@ def timed_call(op, contender, source, handles, arguments):
     return Timed(contender.name, call, prepare)
 
 
+def traffic_bytes(workload, op):
+    """Bytes an operation moves: the grads read (and written, by the clips); accumulation
+    also reads and writes its buffers."""
+    if op == "accumulate":
+        widening = accumulator_dtype(workload.dtype).itemsize / workload.dtype.itemsize
+        return workload.nbytes * (1 + 2 * widening)
+    return workload.nbytes * (2 if op in WRITING_OPS else 1)
+
+
 def figures(workload, op, samples, probe, relative_error, problems):
     median = samples.median
-    traffic = workload.nbytes * (2 if op in WRITING_OPS else 1)
+    traffic = traffic_bytes(workload, op)
+    limit_s = traffic / (probe["read_write_gbps"] * 1e9) if op == "accumulate" else probe[PROBE_LIMIT[op]]
     return {
         "median_s": median,
         "min_s": samples.min,
         "samples_s": samples.seconds,
         "calls_per_sample": samples.inner,
         "gbps": traffic / median / 1e9,
-        "of_limit": probe[PROBE_LIMIT[op]] / median,
+        "of_limit": limit_s / median,
         "ns_per_leaf": median / workload.leaves * 1e9,
         "relative_error": relative_error,
         "problems": problems,
@@ -199,6 +215,7 @@ def measure_workload(workload, contenders, repeats, budget_s):
         "all_finite": (),
         "clip_grad_norm_": (CLIP_TO * reference,),
         "clip_grad_value_": (CLIP_VALUE,),
+        "accumulate": (),
     }
     handles, operations = {}, {}
     for op in OPS:
