@@ -30,8 +30,10 @@ bounds every step: by norm it rescales the whole gradient, by value it clamps
 each entry (with this clip value some entry is clamped on every step, which
 also bends the update's direction). Both clipped runs learn the task. The
 verdicts in the final table are computed from the numbers, not asserted.
-With matplotlib installed the per-step gradient norms are plotted to
-``examples/exploding_rnn.png``.
+Each run records its norms in a ``gradclip.NormMonitor``; with matplotlib
+installed, each monitor plots them on a log scale to
+``examples/exploding_rnn_<run>.png`` (the clip threshold, spikes and
+non-finite steps marked).
 """
 
 from __future__ import annotations
@@ -52,8 +54,7 @@ import gradclip  # noqa: E402
 LEARNED_MSE = 0.05  # held-out MSE below which the task counts as learned
 BLOWN_UP_MSE = 10.0  # held-out MSE above which a finite run counts as diverged
 TEST_SEQUENCES = 1000
-PLOT_PATH = Path(__file__).with_suffix(".png")
-ZOOM_STEPS = 200  # the left panel of the plot shows at least these first steps
+PLOT_DIR = Path(__file__).parent
 
 
 def parse_args() -> argparse.Namespace:
@@ -164,7 +165,8 @@ def clip_by_value(clip_value):
 @dataclass
 class RunResult:
     name: str
-    step_grad_norms: list[float] = field(default_factory=list)
+    monitor: gradclip.NormMonitor = field(default_factory=gradclip.NormMonitor)
+    steps: int = 0
     step_was_clipped: list[bool] = field(default_factory=list)
     hit_nonfinite: bool = False
     final_test_mse: float = float("nan")
@@ -182,8 +184,11 @@ class RunResult:
         return f"{np.mean(self.step_was_clipped):.0%}"
 
 
-def train(name, clip, args, seeds, test_set) -> RunResult:
-    """SGD on the adding problem; identical init and batches for every strategy."""
+def train(name, clip, threshold, args, seeds, test_set) -> RunResult:
+    """SGD on the adding problem; identical init and batches for every strategy.
+
+    ``threshold``: the norm the strategy clips to, drawn in the run's plot (None if none).
+    """
     init_seed, batch_seed = seeds
     params = init_params(np.random.default_rng(init_seed), args.hidden)
     batch_rng = np.random.default_rng(batch_seed)
@@ -198,13 +203,14 @@ def train(name, clip, args, seeds, test_set) -> RunResult:
             norm, clipped = clip(grads)
             epoch_losses.append(loss)
             epoch_norms.append(norm)
-            result.step_grad_norms.append(norm)
+            result.steps += 1
+            result.monitor.record(norm, threshold=threshold)
             if clipped is not None:
                 result.step_was_clipped.append(clipped)
             if not (np.isfinite(norm) and np.isfinite(loss)):
                 result.hit_nonfinite = True
                 break
-            step_size = args.lr * (1.0 - (len(result.step_grad_norms) - 1) / total_steps)
+            step_size = args.lr * (1.0 - (result.steps - 1) / total_steps)
             for key, grad in grads.items():
                 params[key] -= step_size * grad
         result.final_test_mse = mse(params, *test_set)
@@ -215,7 +221,7 @@ def train(name, clip, args, seeds, test_set) -> RunResult:
         )
         if result.hit_nonfinite:
             print(
-                f"step {len(result.step_grad_norms)}: loss {loss:.4g}, gradient norm {norm:.4g}; "
+                f"step {result.steps}: loss {loss:.4g}, gradient norm {norm:.4g}; "
                 "not finite, stopping this run"
             )
             break
@@ -235,47 +241,21 @@ def print_verdicts(results: list[RunResult], baseline_mse: float) -> None:
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.name:<16} {r.verdict:<13} {len(r.step_grad_norms):>5} {r.final_test_mse:>10.4g} "
-            f"{np.max(r.step_grad_norms):>13.4g} {r.clipped_share:>13}"
+            f"{r.name:<16} {r.verdict:<13} {r.steps:>5} {r.final_test_mse:>10.4g} "
+            f"{r.monitor.summary()['max']:>13.4g} {r.clipped_share:>13}"
         )
 
 
-def save_plot(results: list[RunResult], max_norm: float) -> None:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        print(f"plot skipped: matplotlib is not importable ({exc})")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_start, ax_all) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=[1, 2])
-    for ax in (ax_start, ax_all):
-        for r in results:
-            norms = np.asarray(r.step_grad_norms)
-            steps = np.arange(1, len(norms) + 1)
-            finite = np.isfinite(norms)
-            (line,) = ax.plot(steps[finite], norms[finite], lw=0.7, alpha=0.8, label=f"{r.name} ({r.verdict})")
-            if r.hit_nonfinite and finite.any():
-                ax.plot(steps[finite][-1], norms[finite][-1], "x", ms=9, mew=2, color=line.get_color())
-        ax.axhline(max_norm, ls="--", color="black", lw=1, label=f"max_norm = {max_norm:g}")
-        ax.set_yscale("log")
-        ax.set_xlabel("SGD step")
-    stopped_at = [len(r.step_grad_norms) for r in results if r.hit_nonfinite]
-    ax_start.set_xlim(0, max([ZOOM_STEPS] + [step + 10 for step in stopped_at]))
-    ax_start.set_title("start of training (x: last finite norm of a stopped run)")
-    ax_start.set_ylabel("gradient L2 norm before clipping")
-    surviving_norms = [n for r in results if not r.hit_nonfinite for n in r.step_grad_norms]
-    if surviving_norms:
-        ax_start.set_ylim(bottom=min(surviving_norms) / 3)
-        ax_all.set_ylim(min(surviving_norms) / 3, max(surviving_norms) * 10)
-    ax_all.set_title("whole run (y axis cut above the clipped runs)")
-    ax_all.legend(loc="upper right", fontsize="small")
-    fig.suptitle("Vanilla tanh RNN on the adding problem: gradient norm per SGD step")
-    fig.tight_layout()
-    fig.savefig(PLOT_PATH, dpi=110)
-    plt.close(fig)
-    print(f"plot saved to {PLOT_PATH}")
+def save_plots(results: list[RunResult]) -> None:
+    """Each run's gradient norms on a log scale, drawn by its NormMonitor."""
+    for r in results:
+        path = PLOT_DIR / f"exploding_rnn_{'_'.join(r.name.split()[:2])}.png"
+        try:
+            r.monitor.plot(path)
+        except ImportError as error:
+            print(f"plots skipped: {error}")
+            return
+        print(f"plot of '{r.name}' saved to {path}")
 
 
 def main() -> None:
@@ -290,17 +270,17 @@ def main() -> None:
         f"seed {args.seed}"
     )
     strategies = [
-        ("no clipping", no_clipping),
-        (f"clip norm {args.max_norm:g}", clip_by_norm(args.max_norm)),
-        (f"clip value {args.clip_value:g}", clip_by_value(args.clip_value)),
+        ("no clipping", no_clipping, None),
+        (f"clip norm {args.max_norm:g}", clip_by_norm(args.max_norm), args.max_norm),
+        (f"clip value {args.clip_value:g}", clip_by_value(args.clip_value), None),
     ]
     with np.errstate(over="ignore", invalid="ignore"):
-        results = [train(name, clip, args, (init_seed, batch_seed), test_set) for name, clip in strategies]
+        results = [train(*strategy, args, (init_seed, batch_seed), test_set) for strategy in strategies]
     print_verdicts(results, baseline_mse)
     if args.no_plot:
-        print("plot skipped: --no-plot")
+        print("plots skipped: --no-plot")
     else:
-        save_plot(results, args.max_norm)
+        save_plots(results)
     print(f"total time {time.perf_counter() - start:.1f} s")
 
 
