@@ -19,6 +19,8 @@ _accepted = {np.dtype(name) for name in SUPPORTED_DTYPES if name != "bfloat16"}
 class NonFiniteGradientError(FloatingPointError, RuntimeError):
     """The total gradient norm is NaN or infinite (raised with ``error_if_nonfinite=True``)."""
 
+    __module__ = "gradclip"  # where users import it from
+
 
 def _real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
