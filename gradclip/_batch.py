@@ -21,26 +21,27 @@ class Batch:
     arrays : list of numpy.ndarray, one per unique leaf.
     unique_of : int64 array, the unique leaf at each position.
     tables : list of ``_table.Table``, one per dtype.
+    originals : the caller's leaf objects, one per unique leaf.
     """
 
-    __slots__ = ("treedef", "arrays", "unique_of", "tables", "_originals")
+    __slots__ = ("treedef", "arrays", "unique_of", "tables", "originals")
 
     def __init__(self, treedef, arrays, unique_of, tables, originals):
         self.treedef = treedef
         self.arrays = arrays
         self.unique_of = unique_of
         self.tables = tables
-        self._originals = originals
+        self.originals = originals
 
     def copy(self):
         """The same leaves as fresh writable arrays (for the out-of-place functions)."""
         arrays = [np.array(array, copy=True) for array in self.arrays]
-        return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self._originals)
+        return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals)
 
     def rebuild(self):
         """The leaves in the caller's structure; NumPy scalars come back as scalars."""
         leaves = [
-            self.arrays[u][()] if isinstance(self._originals[u], np.generic) else self.arrays[u]
+            self.arrays[u][()] if isinstance(self.originals[u], np.generic) else self.arrays[u]
             for u in self.unique_of
         ]
         return _tree.unflatten(self.treedef, leaves)

@@ -137,7 +137,7 @@ class GradAccumulator:
             return None
         self._current_step = 0
         coef = 1.0 / self._accum_steps if self._average else 1.0
-        originals = [batch._originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
+        originals = [batch.originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
         return window.result(coef, self._copy_result, originals)
 
     def reset(self):
