@@ -83,7 +83,8 @@ def total_norm(norms, p):
 
 def scale_(batch, coef):
     """Multiply every element of unique leaf ``u`` by ``coef[u]``; leaves with 1 are not touched."""
-    _update(kernels.SCALE, batch, leaf_arg=coef, leaf_mask=coef != 1.0)
+    scaled = coef != 1.0
+    _update(kernels.SCALE, batch, leaf_arg=coef, leaf_mask=None if scaled.all() else scaled)
 
 
 def clamp_(batch, bound):
