@@ -100,16 +100,20 @@ def _collect_plain(leaves, treedef, writes, real_only):
         return None
     data, size, descr, flags = headers
     required = _ALIGNED | (_WRITEABLE if writes else 0)
-    if np.any(flags & required != required) or np.any(flags & _CONTIGUOUS == 0):
+    flags_ok, one_dtype, none_empty = kernels.header_summary(size, descr, flags, required, _CONTIGUOUS)
+    if not flags_ok:
         return None
+    if one_dtype:
+        groups = [(leaves[0].dtype, np.arange(len(leaves)) if none_empty else np.flatnonzero(size))]
+    else:
+        groups = [
+            (leaves[int(np.argmax(descr == address))].dtype, np.flatnonzero((descr == address) & (size > 0)))
+            for address in np.unique(descr)
+        ]
     tables = []
-    same_dtype = bool((descr == descr[0]).all())
-    for address in descr[:1] if same_dtype else np.unique(descr):
-        in_group = descr == address
-        dtype = leaves[int(np.argmax(in_group))].dtype
+    for dtype, rows in groups:
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
             return None
-        rows = np.flatnonzero(in_group & (size > 0))
         tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
     leaves = list(leaves)  # the caller's list may change after we return
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)

@@ -547,6 +547,18 @@ def array_headers(objects):
     return headers if ok else None
 
 
+@njit(cache=True)
+def header_summary(size, descr, flags, required, any_of):
+    """For `array_headers` results: (every array has all ``required`` flag bits and one of
+    ``any_of``, they share one dtype, none is empty), in one call."""
+    flags_ok, one_dtype, none_empty = True, True, True
+    for i in range(size.size):
+        flags_ok &= (flags[i] & required) == required and (flags[i] & any_of) != 0
+        one_dtype &= descr[i] == descr[0]
+        none_empty &= size[i] > 0
+    return flags_ok, one_dtype, none_empty
+
+
 # ------------------------------------------------------------- accumulation
 # ``accumulate_table`` adds every leaf of one table into a buffer of its own: the
 # source rows are the table's (any layout, any step); destination row ``r`` is
