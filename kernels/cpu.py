@@ -22,6 +22,10 @@ the element type, once, to nearest-even.
 Accumulation is in float64. ``fastmath`` allows reassociation and contraction
 (needed to vectorise the sums) but never ``nnan``/``ninf``: NaN and inf must be
 seen.
+
+Also here: ``array_headers`` / ``array_layouts`` read many NumPy array headers in
+one call (the boundary's per-leaf cost), and ``accumulate_table`` adds a table of
+grads into contiguous buffers (``GradAccumulator``).
 """
 
 import functools
