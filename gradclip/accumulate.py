@@ -208,7 +208,7 @@ class _Buffers:
         accumulators = []
         for position, array in enumerate(arrays):
             dtype = array.dtype
-            acc = accumulator_dtype or (np.dtype(np.float32) if dtype.name in _HALF else dtype)
+            acc = _accumulator(dtype, accumulator_dtype)
             if dtype.kind == "c" and acc.kind != "c":
                 raise _checks.complex_into_real(_tree.path(treedef, position), dtype, acc)
             accumulators.append(acc)
@@ -311,7 +311,7 @@ class _Buffers:
         dtypes = [np.dtype(d) for d in structure["dtypes"]]
         shapes = [tuple(s) for s in structure["shapes"]]
         orders = [tuple((int(a), bool(f)) for a, f in order) for order in structure["orders"]]
-        accumulators = [accumulator_dtype or (np.dtype(np.float32) if d.name in _HALF else d) for d in dtypes]
+        accumulators = [_accumulator(d, accumulator_dtype) for d in dtypes]
         window = cls(structure["treedef"], shapes, dtypes, orders, accumulators)
         if (
             not isinstance(buffers, (list, tuple))
@@ -329,6 +329,11 @@ class _Buffers:
         for flat, saved in zip(window.flats, buffers):
             flat[...] = np.asarray(saved).reshape(-1)
         return window
+
+
+def _accumulator(dtype, requested):
+    """The buffers' dtype for grads of ``dtype``: ``requested``, else float32 for half precision."""
+    return requested or (np.dtype(np.float32) if dtype.name in _HALF else dtype)
 
 
 def _layouts(arrays):
