@@ -64,6 +64,45 @@ def raise_nonfinite(total):
     )
 
 
+class RemoteRankError(RuntimeError):
+    """Another rank's call failed, so this rank's call was abandoned with nothing written."""
+
+    __module__ = "gradclip.distributed"  # where users import it from
+
+
+def reducer(value):
+    """``value`` if it has what a reducer needs (see `gradclip.distributed`)."""
+    missing = [name for name in ("rank", "world_size", "all_reduce") if not hasattr(value, name)]
+    if missing:
+        raise TypeError(
+            f"reducer must have rank, world_size and all_reduce(values) (as gradclip.distributed."
+            f"MPIReducer and TorchReducer do); {type(value).__name__} lacks {', '.join(missing)}"
+        )
+    return value
+
+
+def reduced_shape(reducer, expected, got):
+    return ValueError(
+        f"{type(reducer).__name__}.all_reduce returned shape {got}; expected {expected}, the "
+        "element-wise sum over ranks of the array it was given"
+    )
+
+
+def remote_failure(function, ranks, rank):
+    names = ", ".join(str(r) for r in ranks)
+    return RemoteRankError(
+        f"{function} failed on rank{'s' if len(ranks) > 1 else ''} {names} (that rank raised the "
+        f"error that says why); rank {rank} wrote nothing. Fix the input on the failing rank."
+    )
+
+
+def not_in_grads(where, leaf):
+    return ValueError(
+        f"{where()} ({type(leaf).__name__}) is not a leaf of grads; replicated= names leaves of "
+        "grads (the same objects) that every rank holds whole"
+    )
+
+
 def not_an_array(where, leaf):
     return TypeError(
         f"{where()} is a {type(leaf).__name__}; expected an array (numpy.ndarray, or an object "

@@ -81,10 +81,10 @@ def _build(treedef, leaves):
     return kind(values)
 
 
-def path(treedef, position):
+def path(treedef, position, root="grads"):
     """The path of leaf number ``position``, e.g. ``grads['enc'][1]``."""
     found = _find(treedef, position, [0])
-    return "grads" + "".join(f"[{key!r}]" for key in found)
+    return root + "".join(f"[{key!r}]" for key in found)
 
 
 def _find(treedef, position, seen):

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _batch, _checks, _cpu, _dispatch
-from .clip import _scale_to_max_norm_, _total_norm
+from ._collective import Collective
+from .clip import _scale_to_max_norm_
 
 _EPS = 1e-6
 """The ``eps`` of the scaling rule, as in `clip_grad_norm_`."""
@@ -67,13 +68,19 @@ class _NormClipper:
     _CONFIG = ()
     _STATISTICS = ()
 
-    def __call__(self, grads):
+    def __call__(self, grads, *, reducer=None, replicated=None):
         """Clip one step's gradients in place and update the statistics.
 
         Parameters
         ----------
         grads : array, iterable of arrays, or nested dict / list / tuple of arrays
             Writable leaves; ``None`` leaves are skipped, a repeated array is scaled once.
+        reducer : optional
+            For gradients sharded across ranks: the norm is that of every rank's shard
+            together, so the clippers of all ranks see the same norms and keep the same
+            statistics (see `clip_grad_norm_`).
+        replicated : leaves of ``grads`` in any container, optional
+            Leaves every rank holds whole: counted once.
 
         Returns
         -------
@@ -86,8 +93,9 @@ class _NormClipper:
             A leaf that is not an array, has an unsupported dtype or is read-only;
             raised before anything is written or any statistic changes.
         """
-        batch = _batch.collect(grads, type(self).__name__, writes=True)
-        norm = _total_norm(batch, 2.0, error_if_nonfinite=False)
+        with Collective(type(self).__name__, reducer) as collective:
+            batch = _batch.collect(grads, type(self).__name__, writes=True)
+            norm = collective.total_norm(batch, _cpu.leaf_norms(batch, 2.0), 2.0, replicated)
         if not math.isfinite(norm):
             return ClipStats(norm, math.nan, False, False)
         threshold = self._threshold_and_update(norm)

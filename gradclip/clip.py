@@ -11,9 +11,12 @@ import math
 import numpy as np
 
 from . import _batch, _checks, _cpu
+from ._collective import Collective
 
 
-def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfinite=False):
+def clip_grad_norm_(
+    grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfinite=False, reducer=None, replicated=None
+):
     """Scale all gradients in place so that their total norm is at most ``max_norm``.
 
     Parameters
@@ -28,6 +31,12 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfin
         Added to the total in the scaling coefficient.
     error_if_nonfinite : bool, default False
         Raise instead of returning a non-finite total.
+    reducer : optional
+        For gradients sharded across ranks (``gradclip.distributed.MPIReducer``,
+        ``TorchReducer``): the total is the norm of every rank's shard together, and every
+        rank clips its shard by the same coefficient. Every rank must make the call.
+    replicated : leaves of ``grads`` in any container, optional
+        Leaves that every rank holds whole (not sharded): counted once in the total.
 
     Returns
     -------
@@ -42,6 +51,8 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfin
         A bad argument, or a read-only leaf; checked before anything is written.
     TypeError
         A leaf that is not an array or has an unsupported dtype.
+    gradclip.distributed.RemoteRankError
+        With ``reducer``: the call failed on another rank; nothing was written here.
 
     Notes
     -----
@@ -58,20 +69,24 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfin
     >>> g
     [array([1.5, 0. ]), array([2.])]
     """
-    max_norm = _checks.nonnegative("max_norm", max_norm)
-    p = _checks.norm_type(norm_type)
-    eps = _checks.nonnegative("eps", eps)
-    batch = _batch.collect(grads, "clip_grad_norm_", writes=True)
-    total = _total_norm(batch, p, error_if_nonfinite)
+    with Collective("clip_grad_norm_", reducer) as collective:
+        max_norm = _checks.nonnegative("max_norm", max_norm)
+        p = _checks.norm_type(norm_type)
+        eps = _checks.nonnegative("eps", eps)
+        batch = _batch.collect(grads, "clip_grad_norm_", writes=True)
+        total = collective.total_norm(batch, _cpu.leaf_norms(batch, p), p, replicated)
+    _check_finite(total, error_if_nonfinite)
     _scale_to_max_norm_(batch, max_norm, total, eps)
     return total
 
 
-def clip_grad_norm(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfinite=False):
+def clip_grad_norm(
+    grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfinite=False, reducer=None, replicated=None
+):
     """Out-of-place `clip_grad_norm_`: returns ``(clipped, total)``, ``grads`` untouched.
 
     ``clipped`` has the structure of ``grads`` and always holds new arrays, also
-    when nothing needed clipping.
+    when nothing needed clipping. ``reducer`` and ``replicated`` as in `clip_grad_norm_`.
 
     Examples
     --------
@@ -80,11 +95,13 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, *, eps=1e-6, error_if_nonfini
     >>> clipped, total
     ({'w': array([3., 4.])}, 10.0)
     """
-    max_norm = _checks.nonnegative("max_norm", max_norm)
-    p = _checks.norm_type(norm_type)
-    eps = _checks.nonnegative("eps", eps)
-    batch = _batch.collect(grads, "clip_grad_norm")
-    total = _total_norm(batch, p, error_if_nonfinite)  # of the input, as grad_norm gives it
+    with Collective("clip_grad_norm", reducer) as collective:
+        max_norm = _checks.nonnegative("max_norm", max_norm)
+        p = _checks.norm_type(norm_type)
+        eps = _checks.nonnegative("eps", eps)
+        batch = _batch.collect(grads, "clip_grad_norm")
+        total = collective.total_norm(batch, _cpu.leaf_norms(batch, p), p, replicated)  # of the input
+    _check_finite(total, error_if_nonfinite)
     clipped = batch.copy()
     _scale_to_max_norm_(clipped, max_norm, total, eps)
     return clipped.rebuild(), total
@@ -193,11 +210,9 @@ def clip_grad_value(grads, clip_value):
     return clipped.rebuild()
 
 
-def _total_norm(batch, p, error_if_nonfinite):
-    total = _cpu.total_norm(_cpu.leaf_norms(batch, p), p)
+def _check_finite(total, error_if_nonfinite):
     if error_if_nonfinite and not math.isfinite(total):
         _checks.raise_nonfinite(total)
-    return total
 
 
 def _scale_to_max_norm_(batch, max_norm, total, eps):

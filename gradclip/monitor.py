@@ -74,6 +74,8 @@ class NormMonitor:
             The gradients, read and never written; or a Python ``float`` / ``int``
             (``numpy.float64`` included): a norm computed elsewhere, e.g. returned by
             `clip_grad_norm_` or in `ClipStats.norm`. Such a step has no leaf norms.
+            For gradients sharded across ranks, record the norm that
+            ``clip_grad_norm_(..., reducer=...)`` returns.
         threshold : float, optional
             The clip threshold of this step (e.g. `ClipStats.threshold`), drawn by
             `plot`; >= 0, inf, or NaN for none.

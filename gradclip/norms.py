@@ -2,9 +2,10 @@
 
 
 from . import _batch, _checks, _cpu
+from ._collective import Collective
 
 
-def grad_norm(grads, norm_type=2.0):
+def grad_norm(grads, norm_type=2.0, *, reducer=None, replicated=None):
     """The total p-norm of all gradients.
 
     Parameters
@@ -13,6 +14,12 @@ def grad_norm(grads, norm_type=2.0):
         ``None`` leaves are skipped; the same array object given twice counts once.
     norm_type : float, default 2.0
         ``p > 0`` or ``inf`` (the largest magnitude).
+    reducer : optional
+        For gradients sharded across ranks (``gradclip.distributed.MPIReducer``,
+        ``TorchReducer``): the norm of every rank's shard together, the same on every
+        rank. Every rank of the reducer must make the call.
+    replicated : leaves of ``grads`` in any container, optional
+        Leaves that every rank holds whole (not sharded): counted once, not once per rank.
 
     Returns
     -------
@@ -26,6 +33,8 @@ def grad_norm(grads, norm_type=2.0):
         A leaf is not an array, or has an unsupported dtype.
     ValueError
         ``norm_type`` is not > 0.
+    gradclip.distributed.RemoteRankError
+        With ``reducer``: the call failed on another rank.
 
     Notes
     -----
@@ -38,9 +47,10 @@ def grad_norm(grads, norm_type=2.0):
     >>> gradclip.grad_norm([np.array([3.0, 0.0]), np.array([[4.0]])])
     5.0
     """
-    p = _checks.norm_type(norm_type)
-    batch = _batch.collect(grads, "grad_norm")
-    return _cpu.total_norm(_cpu.leaf_norms(batch, p), p)
+    with Collective("grad_norm", reducer) as collective:
+        p = _checks.norm_type(norm_type)
+        batch = _batch.collect(grads, "grad_norm")
+        return collective.total_norm(batch, _cpu.leaf_norms(batch, p), p, replicated)
 
 
 def layer_norms(grads, norm_type=2.0):

@@ -5,9 +5,10 @@ import math
 import numpy as np
 
 from . import _batch, _checks, _cpu
+from ._collective import Collective
 
 
-def norm_penalty(grads, tau, lam):
+def norm_penalty(grads, tau, lam, *, reducer=None, replicated=None):
     """The penalty ``lam · max(0, ‖g‖ - tau)`` on the gradient norm, and its derivative.
 
     The tutorial's alternative to hard clipping, ``L_total = L + λ·max(0, ‖g‖ - τ)``:
@@ -26,6 +27,9 @@ def norm_penalty(grads, tau, lam):
         The norm below which there is no penalty; >= 0.
     lam : float
         The penalty's weight ``λ``; >= 0.
+    reducer, replicated : optional
+        For gradients sharded across ranks: ``‖g‖`` is the norm of every rank's shard
+        together (see `clip_grad_norm_`).
 
     Returns
     -------
@@ -59,10 +63,11 @@ def norm_penalty(grads, tau, lam):
     >>> gradclip.norm_penalty([np.array([0.3, 0.4])], tau=2.0, lam=0.5)
     (0.0, [array([0., 0.])])
     """
-    tau = _checks.nonnegative("tau", tau)
-    lam = _checks.nonnegative("lam", lam)
-    batch = _batch.collect(grads, "norm_penalty")
-    norm = _cpu.total_norm(_cpu.leaf_norms(batch, 2.0), 2.0)
+    with Collective("norm_penalty", reducer) as collective:
+        tau = _checks.nonnegative("tau", tau)
+        lam = _checks.nonnegative("lam", lam)
+        batch = _batch.collect(grads, "norm_penalty")
+        norm = collective.total_norm(batch, _cpu.leaf_norms(batch, 2.0), 2.0, replicated)
     direction = batch.copy()
     if not math.isfinite(norm):
         value = math.nan

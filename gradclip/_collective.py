@@ -1,0 +1,88 @@
+"""The total norm of one call, over every rank's shard when a reducer is given (SPEC §7).
+
+Each rank folds its own leaves into one local norm. One all-reduce (a sum) of a small
+float64 vector brings every rank the same values: a slot per rank for its local norm,
+a slot per rank for a "failed" flag, and one slot for the norm of the replicated
+leaves, which rank 0 alone fills. A sum with one non-zero term is exact, so this
+all-reduce is an all-gather; every rank then folds the same vector the same way, so
+all ranks hold bit-identical totals and take the same decision, and the fold rescales
+as the single-process one does (no spurious overflow). NaN and inf travel as they are.
+
+A rank whose call fails before the all-reduce (bad input, bad arguments) still joins
+it with its flag up, then raises its own error; the other ranks raise
+`RemoteRankError`. No rank waits for ever and none writes.
+"""
+
+import numpy as np
+
+from . import _checks, _cpu, _tree
+
+
+class Collective:
+    """One call's total norm: a context around the call's validation and reduction.
+
+    Use as ``with Collective(function, reducer) as collective:`` around everything
+    that may fail before the norm is known, then ``collective.total_norm(...)``.
+    """
+
+    __slots__ = ("_function", "_reducer", "_joined")
+
+    def __init__(self, function, reducer):
+        self._function = function
+        self._reducer = None if reducer is None else _checks.reducer(reducer)
+        self._joined = reducer is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not self._joined and isinstance(error, Exception):
+            self._exchange(np.nan, 0.0, failed=True)  # so that no other rank waits for this one
+        return False
+
+    def total_norm(self, batch, norms, p, replicated=None):
+        """The p-norm of every leaf of ``batch`` on every rank, as a float.
+
+        ``norms``: this rank's leaf norms (``_cpu.leaf_norms(batch, p)``).
+        ``replicated``: leaves of ``batch`` (the same objects, in any container) that
+        every rank holds whole; they count once, with rank 0's values.
+        """
+        if replicated is None:
+            shared = np.zeros(len(norms), dtype=bool)
+        else:
+            shared = _replicated_mask(batch, replicated)
+        if self._reducer is None:
+            return _cpu.total_norm(norms, p)
+        local = _cpu.total_norm(norms[~shared], p)
+        return self._exchange(local, _cpu.total_norm(norms[shared], p), failed=False, p=p)
+
+    def _exchange(self, local, replicated, *, failed, p=2.0):
+        reducer = self._reducer
+        self._joined = True
+        rank, world = int(reducer.rank), int(reducer.world_size)
+        values = np.zeros(2 * world + 1)
+        values[rank] = local
+        values[world + rank] = failed
+        if rank == 0:
+            values[2 * world] = replicated
+        reduced = np.asarray(reducer.all_reduce(values), dtype=np.float64)
+        if reduced.shape != values.shape:
+            raise _checks.reduced_shape(reducer, values.shape, reduced.shape)
+        failed_ranks = np.flatnonzero(reduced[world : 2 * world])
+        if failed_ranks.size and not failed:
+            raise _checks.remote_failure(self._function, failed_ranks.tolist(), rank)
+        norms = np.append(reduced[:world], reduced[2 * world])
+        return _cpu.total_norm(norms, p)
+
+
+def _replicated_mask(batch, replicated):
+    """Per unique leaf of ``batch``: is it one of the ``replicated`` leaves?"""
+    unique = {id(original): u for u, original in enumerate(batch.originals)}
+    leaves, treedef = _tree.flatten(replicated)
+    mask = np.zeros(len(batch.originals), dtype=bool)
+    for position, leaf in enumerate(leaves):
+        u = unique.get(id(leaf))
+        if u is None:
+            raise _checks.not_in_grads(lambda position=position: _tree.path(treedef, position, "replicated"), leaf)
+        mask[u] = True
+    return mask
