@@ -6,16 +6,19 @@
 Each rank holds its shard of two workloads — W5 (100 leaves of 10, dealt round-robin:
 the call is all overhead) and GPT-2 small (each of the 148 leaves split on its first
 axis, as FSDP2 shards parameters) — and
-times, interleaved, the same call with and without ``reducer=``; also a bare
-``Allreduce`` of the ``2 · ranks + 1`` doubles gradclip sends. Rank 0 prints medians
+times the same call with and without ``reducer=``; also a bare ``Allreduce`` of the
+``2 · ranks + 1`` doubles gradclip sends. The ranks share the machine's cores, so each
+runs its kernels on ``cores // ranks`` threads. Rank 0 prints medians
 over the ranks' slowest (a collective finishes when its last rank does).
 """
 
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 from mpi4py import MPI
 
@@ -43,6 +46,7 @@ def timed(comm, call, repeats):
 def main():
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
+    numba.set_num_threads(max(1, os.cpu_count() // world))  # the ranks share this machine's cores
     reducer = MPIReducer(comm)
     rng = np.random.default_rng(rank)
     tiny = [rng.standard_normal(10).astype(np.float32) for _ in range(100)][rank::world]

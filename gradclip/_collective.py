@@ -47,14 +47,13 @@ class Collective:
         ``replicated``: leaves of ``batch`` (the same objects, in any container) that
         every rank holds whole; they count once, with rank 0's values.
         """
-        if replicated is None:
-            shared = np.zeros(len(norms), dtype=bool)
-        else:
-            shared = _replicated_mask(batch, replicated)
+        shared = None if replicated is None else _replicated_mask(batch, replicated)
         if self._reducer is None:
             return _cpu.total_norm(norms, p)
-        local = _cpu.total_norm(norms[~shared], p)
-        return self._exchange(local, _cpu.total_norm(norms[shared], p), failed=False, p=p)
+        if shared is None:
+            return self._exchange(_cpu.total_norm(norms, p), 0.0, failed=False, p=p)
+        local, replicated_norm = _cpu.total_norm(norms[~shared], p), _cpu.total_norm(norms[shared], p)
+        return self._exchange(local, replicated_norm, failed=False, p=p)
 
     def _exchange(self, local, replicated, *, failed, p=2.0):
         reducer = self._reducer

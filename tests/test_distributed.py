@@ -326,3 +326,15 @@ def test_mpi_reducer_on_a_single_rank():
     assert (mpi.rank, mpi.world_size) == (0, 1)
     assert repr(mpi) == "MPIReducer(rank=0, world_size=1)"
     assert gc.grad_norm([np.array([3.0, 4.0])], reducer=mpi) == 5.0
+
+
+def test_the_zero_example_trains_as_one_process_does():
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    example = TESTS.parent / "examples" / "zero_mpi.py"
+    done = subprocess.run(
+        [str(mpiexec), "-n", "3", sys.executable, str(example)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    difference = float(done.stdout.rsplit(":", 1)[1])
+    assert difference <= 1e-12, done.stdout
+    assert "3 ranks" in done.stdout
