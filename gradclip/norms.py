@@ -1,7 +1,7 @@
 """Total and per-leaf gradient norms."""
 
 
-from . import _batch, _checks, _cpu
+from . import _batch, _checks, _cpu, _cuda
 
 
 def grad_norm(grads, norm_type=2.0):
@@ -39,7 +39,9 @@ def grad_norm(grads, norm_type=2.0):
     5.0
     """
     p = _checks.norm_type(norm_type)
-    batch = _batch.collect(grads, "grad_norm")
+    batch = _batch.collect(grads, "grad_norm", cuda=True)
+    if batch.cuda:
+        return _cuda.grad_norm(batch, p)
     return _cpu.total_norm(_cpu.leaf_norms(batch, p), p)
 
 
@@ -65,5 +67,7 @@ def layer_norms(grads, norm_type=2.0):
     array([5., 2.])
     """
     p = _checks.norm_type(norm_type)
-    batch = _batch.collect(grads, "layer_norms")
+    batch = _batch.collect(grads, "layer_norms", cuda=True)
+    if batch.cuda:
+        return _cuda.layer_norms(batch, p)
     return _cpu.leaf_norms(batch, p)[batch.unique_of]
