@@ -165,7 +165,7 @@ class _Plan:
         self.launches = []  # (kernel set, first row, views, blocks)
         row = 0
         for dtype, ids in groups.items():
-            kind_dtype = _table.witness(dtype).dtype
+            kind_dtype = _kernel_dtype(dtype)
             views = [_view(cuda, leaves[i], walks[row + j][0], walks[row + j][1], kind_dtype) for j, i in enumerate(ids)]
             for start in range(0, len(ids), kernels.SLOTS):
                 chunk = views[start : start + kernels.SLOTS]
@@ -244,9 +244,14 @@ class _Plan:
             dst.append(tuple(buffers + [buffers[0]] * (kernels.SLOTS - count)))
         for i, leaf in enumerate(leaves):
             if results[i] is None:  # empty
-                buffer, owner = self.empty((0,), _table.witness(leaf.dtype).dtype)
+                buffer, owner = self.empty((0,), _kernel_dtype(leaf.dtype))
                 results[i] = _leaf_shaped(self.kind, buffer, owner, leaf)
         return dst, results
+
+
+def _kernel_dtype(dtype):
+    """The element type of the kernels' views: bfloat16 as its int16 bits, others as they are."""
+    return np.dtype(np.int16) if dtype.name == "bfloat16" else dtype
 
 
 def _view(cuda, leaf, base, extent, dtype):

@@ -27,8 +27,7 @@ order, then the leaf norms into the total. No float atomics: results are
 bit-identical from run to run.
 
 Element types ("codecs"): float16, float32 and float64 are read natively and
-widened exactly to float64 (multiplying by a float64 one); complex64 and
-complex128 likewise to complex128; bfloat16 travels as ``int16`` bits, decoded
+widened exactly to float64; complex64 and complex128 likewise to complex128; bfloat16 travels as ``int16`` bits, decoded
 arithmetically. Writes round once, to nearest-even: the native float conversion
 for float16 / float32 / complex64, an integer rounding for bfloat16 (straight
 from float64, so there is no double rounding). Every kernel exists once per
@@ -56,8 +55,11 @@ SIZE, NBLOCKS, SCALED, NDIM, OFFSET, AXES = range(6)
 # What ``finish_cuda`` folds: peaks (max |x|), norms (sums), counts.
 FOLD_PEAK, FOLD_NORM, FOLD_COUNT = range(3)
 
-_ONE = np.float64(1.0)
 _FLOAT64 = np.dtype(np.float64)
+_POW2_BIAS = 140
+_POW2 = np.ldexp(1.0, np.arange(-_POW2_BIAS, _POW2_BIAS))
+"""Exact powers of two, 2**-140 .. 2**139 (a constant table: the simulator's ldexp wants
+Python ints)."""
 
 
 # ----------------------------------------------------------------- device helpers
@@ -127,8 +129,13 @@ def _root(s, p):
 
 
 @cuda.jit(device=True)
-def _widen_native(x):
-    return x * _ONE  # float16/32/64 -> float64, complex -> complex128, exactly
+def _widen_real(x):
+    return np.float64(x)
+
+
+@cuda.jit(device=True)
+def _widen_complex(x):
+    return np.complex128(x)
 
 
 @cuda.jit(device=True)
@@ -168,8 +175,8 @@ def _widen_bf16(bits):
     if e == 0xFF:
         return math.nan if m else sign * math.inf
     if e == 0:
-        return sign * math.ldexp(np.float64(m), np.int32(-133))
-    return sign * math.ldexp(np.float64(128 + m), np.int32(e - 134))
+        return sign * (m * _POW2[_POW2_BIAS - 133])
+    return sign * ((128 + m) * _POW2[_POW2_BIAS + e - 134])
 
 
 @cuda.jit(device=True)
@@ -189,7 +196,7 @@ def _store_bf16(v, pos, y):
         if e > 127:
             bits = 0x7F80
         else:
-            s = math.ldexp(a, np.int32(7 - e))  # exact; the significand in [0, 256]
+            s = a * _POW2[_POW2_BIAS + 7 - e]  # exact; the significand in [0, 256]
             r = np.int64(s)
             rest = s - r
             if rest > 0.5 or (rest == 0.5 and r % 2 == 1):
@@ -433,8 +440,8 @@ class KernelSet:
         self.zero_nonfinite_cuda_ = _zero_nonfinite(widen, store, zeroed)
 
 
-FLOAT = KernelSet(_widen_native, _store_native, _times_real, _zeroed_real)
-COMPLEX = KernelSet(_widen_native, _store_native, _times_complex, _zeroed_complex)
+FLOAT = KernelSet(_widen_real, _store_native, _times_real, _zeroed_real)
+COMPLEX = KernelSet(_widen_complex, _store_native, _times_complex, _zeroed_complex)
 BFLOAT16 = KernelSet(_widen_bf16, _store_bf16, _times_real, _zeroed_real)
 
 
