@@ -8,7 +8,7 @@ totals and updated once; per-position results are gathered back through
 
 import numpy as np
 
-from . import _checks, _dispatch, _table, _tree
+from . import _checks, _cuda, _dispatch, _table, _tree
 from ._kernels import cpu as kernels
 
 
@@ -22,21 +22,24 @@ class Batch:
     unique_of : int64 array, the unique leaf at each position.
     tables : list of ``_table.Table``, one per dtype.
     originals : the caller's leaf objects, one per unique leaf.
+    cuda : None, or the GPU leaves (``_cuda.Leaves``); their entries in ``arrays``
+        are empty placeholders, which the CPU kernels skip.
     """
 
-    __slots__ = ("treedef", "arrays", "unique_of", "tables", "originals")
+    __slots__ = ("treedef", "arrays", "unique_of", "tables", "originals", "cuda")
 
-    def __init__(self, treedef, arrays, unique_of, tables, originals):
+    def __init__(self, treedef, arrays, unique_of, tables, originals, cuda=None):
         self.treedef = treedef
         self.arrays = arrays
         self.unique_of = unique_of
         self.tables = tables
         self.originals = originals
+        self.cuda = cuda
 
     def copy(self):
         """The same leaves as fresh writable arrays (for the out-of-place functions)."""
         arrays = [np.array(array, copy=True) for array in self.arrays]
-        return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals)
+        return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals, self.cuda)
 
     def rebuild(self):
         """The leaves in the caller's structure; NumPy scalars come back as scalars."""
@@ -47,11 +50,12 @@ class Batch:
         return _tree.unflatten(self.treedef, leaves)
 
 
-def collect(grads, function, *, writes=False, real_only=False):
+def collect(grads, function, *, writes=False, real_only=False, cuda=False):
     """Flatten and validate ``grads`` for ``function`` (its name, for messages).
 
     ``writes``: the call updates leaves in place (they must be writable, without
-    repeated elements). ``real_only``: complex leaves are refused.
+    repeated elements). ``real_only``: complex leaves are refused. ``cuda``: the
+    caller handles GPU leaves (``Batch.cuda``); otherwise they are refused.
     """
     if type(grads) is list:  # a flat list of arrays, most likely: no walk needed
         batch = _collect_plain(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
@@ -63,17 +67,32 @@ def collect(grads, function, *, writes=False, real_only=False):
         return batch
     index = {}
     arrays, originals, unique_of = [], [], []
+    gpu_unique, gpu_leaves = [], []
     for position, leaf in enumerate(leaves):
         unique = index.get(id(leaf))
         if unique is None:
             where = lambda position=position: _tree.path(treedef, position)  # noqa: E731
-            array = _dispatch.as_cpu_array(leaf, where)
-            _check(array, where, function, writes, real_only)
             unique = index[id(leaf)] = len(arrays)
+            if _dispatch.on_cuda(leaf):
+                if not cuda:
+                    raise _checks.cpu_only(where, leaf, function)
+                device_leaf = _dispatch.as_cuda_leaf(leaf, where)
+                _cuda.check(device_leaf, where, function, writes, real_only)
+                gpu_unique.append(unique)
+                gpu_leaves.append(device_leaf)
+                array = _GPU_PLACEHOLDER
+            else:
+                array = _dispatch.as_cpu_array(leaf, where)
+                _check(array, where, function, writes, real_only)
             arrays.append(array)
             originals.append(leaf)
         unique_of.append(unique)
-    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables(arrays), originals)
+    gpu = _cuda.Leaves(gpu_unique, gpu_leaves, len(gpu_leaves) < len(arrays)) if gpu_leaves else None
+    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables(arrays), originals, gpu)
+
+
+_GPU_PLACEHOLDER = np.empty(0)
+"""A GPU leaf's entry in ``Batch.arrays``: empty, so the CPU kernels pass over it."""
 
 
 def tables(arrays):

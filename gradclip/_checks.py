@@ -110,11 +110,33 @@ def not_an_array(where, leaf):
     )
 
 
-def cuda_unavailable(where, leaf):
+def cuda_missing(error):
+    return ImportError(
+        f"gradclip was handed a CUDA array, and its CUDA backend needs numba-cuda, which could "
+        f"not be imported ({error}); install it with: pip install 'gradclip[cuda]'"
+    )
+
+
+def cuda_needs_cupy(where, leaf, error):
+    return ImportError(
+        f"{where()} ({type(leaf).__module__}.{type(leaf).__name__}) is in CUDA memory and is read "
+        f"through DLPack by CuPy, which could not be imported ({error}); install it with: "
+        "pip install 'gradclip[cuda]'"
+    )
+
+
+def cpu_only(where, leaf, function):
     return NotImplementedError(
-        f"{where()} is a CUDA array ({type(leaf).__module__}.{type(leaf).__name__}), and this "
-        "gradclip has no CUDA backend yet (gradclip._kernels.cuda); move the gradients to "
-        "the host first (e.g. cupy.asnumpy, tensor.cpu())"
+        f"{where()} is a CUDA array ({type(leaf).__module__}.{type(leaf).__name__}) and {function} "
+        "works on CPU arrays only; move the gradients to the host first (e.g. cupy.asnumpy, "
+        "tensor.cpu())"
+    )
+
+
+def unsupported_device(where, leaf):
+    return NotImplementedError(
+        f"{where()} ({type(leaf).__module__}.{type(leaf).__name__}) lives on DLPack device "
+        f"{tuple(leaf.__dlpack_device__())}; gradclip reads CPU and CUDA memory only"
     )
 
 
@@ -159,17 +181,25 @@ _OUT_OF_PLACE_TWIN = {"clip_grad_norm_": "clip_grad_norm", "clip_grad_value_": "
 
 def check_writable(where, array, function):
     if not array.flags.writeable:
-        twin = _OUT_OF_PLACE_TWIN.get(function)
-        hint = f"use {twin}(...), the out-of-place twin" if twin else "pass a writable copy"
-        raise ValueError(f"{where()} is read-only and {function} writes in place; {hint}")
+        raise_read_only(where, function)
+
+
+def raise_read_only(where, function):
+    twin = _OUT_OF_PLACE_TWIN.get(function)
+    hint = f"use {twin}(...), the out-of-place twin" if twin else "pass a writable copy"
+    raise ValueError(f"{where()} is read-only and {function} writes in place; {hint}")
 
 
 def check_aligned(where, array):
     if not array.flags.aligned:
-        raise ValueError(
-            f"{where()} is not aligned to its {array.dtype} elements; pass an aligned copy "
-            "(np.array(x)) instead"
-        )
+        raise_unaligned(where, array.dtype)
+
+
+def raise_unaligned(where, dtype):
+    raise ValueError(
+        f"{where()} is not aligned to its {dtype} elements; pass an aligned copy "
+        "(np.array(x)) instead"
+    )
 
 
 def check_layout(where, array):

@@ -15,7 +15,7 @@ it with its flag up, then raises its own error; the other ranks raise
 
 import numpy as np
 
-from . import _checks, _cpu, _tree
+from . import _checks, _cpu, _cuda, _tree
 
 
 class Collective:
@@ -40,13 +40,19 @@ class Collective:
             self._exchange(np.nan, 0.0, failed=True)  # so that no other rank waits for this one
         return False
 
-    def total_norm(self, batch, norms, p, replicated=None):
+    def on_device(self, replicated):
+        """Whether a GPU call can keep its norm in device memory: no reducer and no
+        ``replicated`` leaves to pick out (either needs the leaf norms on the host)."""
+        return self._reducer is None and replicated is None
+
+    def total_norm(self, batch, p, replicated=None):
         """The p-norm of every leaf of ``batch`` on every rank, as a float.
 
-        ``norms``: this rank's leaf norms (``_cpu.leaf_norms(batch, p)``).
         ``replicated``: leaves of ``batch`` (the same objects, in any container) that
-        every rank holds whole; they count once, with rank 0's values.
+        every rank holds whole; they count once, with rank 0's values. GPU leaves'
+        norms are copied to the host (this synchronises).
         """
+        norms = _cuda.host_norms(batch, p) if batch.cuda else _cpu.leaf_norms(batch, p)
         shared = None if replicated is None else _replicated_mask(batch, replicated)
         if self._reducer is None:
             return _cpu.total_norm(norms, p)

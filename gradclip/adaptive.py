@@ -95,7 +95,7 @@ class _NormClipper:
         """
         with Collective(type(self).__name__, reducer) as collective:
             batch = _batch.collect(grads, type(self).__name__, writes=True)
-            norm = collective.total_norm(batch, _cpu.leaf_norms(batch, 2.0), 2.0, replicated)
+            norm = collective.total_norm(batch, 2.0, replicated)
         if not math.isfinite(norm):
             return ClipStats(norm, math.nan, False, False)
         threshold = self._threshold_and_update(norm)

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import _batch, _checks, _cpu
+from . import _batch, _checks, _cpu, _cuda
 from ._collective import Collective
 
 
@@ -73,8 +73,12 @@ def clip_grad_norm_(
         max_norm = _checks.nonnegative("max_norm", max_norm)
         p = _checks.norm_type(norm_type)
         eps = _checks.nonnegative("eps", eps)
-        batch = _batch.collect(grads, "clip_grad_norm_", writes=True)
-        total = collective.total_norm(batch, _cpu.leaf_norms(batch, p), p, replicated)
+        batch = _batch.collect(grads, "clip_grad_norm_", writes=True, cuda=True)
+        if batch.cuda and collective.on_device(replicated):
+            return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite)
+        total = collective.total_norm(batch, p, replicated)
+    if batch.cuda:
+        return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, total=total)
     _check_finite(total, error_if_nonfinite)
     _scale_to_max_norm_(batch, max_norm, total, eps)
     return total
@@ -99,8 +103,12 @@ def clip_grad_norm(
         max_norm = _checks.nonnegative("max_norm", max_norm)
         p = _checks.norm_type(norm_type)
         eps = _checks.nonnegative("eps", eps)
-        batch = _batch.collect(grads, "clip_grad_norm")
-        total = collective.total_norm(batch, _cpu.leaf_norms(batch, p), p, replicated)  # of the input
+        batch = _batch.collect(grads, "clip_grad_norm", cuda=True)
+        if batch.cuda and collective.on_device(replicated):
+            return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, out_of_place=True)
+        total = collective.total_norm(batch, p, replicated)  # of the input, as grad_norm gives it
+    if batch.cuda:
+        return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, out_of_place=True, total=total)
     _check_finite(total, error_if_nonfinite)
     clipped = batch.copy()
     _scale_to_max_norm_(clipped, max_norm, total, eps)
@@ -130,9 +138,14 @@ def clip_grads_with_norm_(grads, max_norm, total_norm, *, eps=1e-6):
     array([0.25, 0.5 ])
     """
     max_norm = _checks.nonnegative("max_norm", max_norm)
-    total = _checks.total_norm(total_norm)
+    on_gpu = _cuda.is_device_array(total_norm)  # read on the GPU, never copied to the host
+    total = total_norm if on_gpu else _checks.total_norm(total_norm)
     eps = _checks.nonnegative("eps", eps)
-    batch = _batch.collect(grads, "clip_grads_with_norm_", writes=True)
+    batch = _batch.collect(grads, "clip_grads_with_norm_", writes=True, cuda=True)
+    if batch.cuda:
+        return _cuda.clip_grads_with_norm_(batch, max_norm, total, eps)
+    if on_gpu:
+        total = _checks.total_norm(total_norm)
     _scale_to_max_norm_(batch, max_norm, total, eps)
 
 
@@ -159,7 +172,9 @@ def clip_grad_norm_per_layer_(grads, max_norm, norm_type=2.0, *, eps=1e-6):
     max_norm = _checks.nonnegative("max_norm", max_norm)
     p = _checks.norm_type(norm_type)
     eps = _checks.nonnegative("eps", eps)
-    batch = _batch.collect(grads, "clip_grad_norm_per_layer_", writes=True)
+    batch = _batch.collect(grads, "clip_grad_norm_per_layer_", writes=True, cuda=True)
+    if batch.cuda:
+        return _cuda.clip_grad_norm_per_layer_(batch, p, max_norm, eps)
     norms = _cpu.leaf_norms(batch, p)
     clip = np.isfinite(norms) & (norms > max_norm)
     if clip.any():
@@ -191,7 +206,9 @@ def clip_grad_value_(grads, clip_value):
     array([-1. ,  0.5,  1. ,  nan])
     """
     clip_value = _checks.nonnegative("clip_value", clip_value)
-    batch = _batch.collect(grads, "clip_grad_value_", writes=True, real_only=True)
+    batch = _batch.collect(grads, "clip_grad_value_", writes=True, real_only=True, cuda=True)
+    if batch.cuda:
+        return _cuda.clip_grad_value_(batch, clip_value)
     _clamp_(batch, clip_value)
 
 
@@ -205,7 +222,10 @@ def clip_grad_value(grads, clip_value):
     [array([-1. ,  0.5])]
     """
     clip_value = _checks.nonnegative("clip_value", clip_value)
-    clipped = _batch.collect(grads, "clip_grad_value", real_only=True).copy()
+    batch = _batch.collect(grads, "clip_grad_value", real_only=True, cuda=True)
+    if batch.cuda:
+        return _cuda.clip_grad_value_(batch, clip_value, out_of_place=True)
+    clipped = batch.copy()
     _clamp_(clipped, clip_value)
     return clipped.rebuild()
 

@@ -1,6 +1,6 @@
 """Non-finite checks and repair."""
 
-from . import _batch, _cpu
+from . import _batch, _cpu, _cuda
 
 
 def all_finite(grads):
@@ -14,7 +14,9 @@ def all_finite(grads):
     >>> gradclip.all_finite([np.ones(3), np.array([1.0, np.nan])])
     False
     """
-    batch = _batch.collect(grads, "all_finite")
+    batch = _batch.collect(grads, "all_finite", cuda=True)
+    if batch.cuda:
+        return _cuda.all_finite(batch)
     return _cpu.count_nonfinite(batch) == 0
 
 
@@ -41,5 +43,7 @@ def zero_nonfinite_(grads):
     >>> gradclip.zero_nonfinite_(g), g
     (2, array([1., 0., 0.]))
     """
-    batch = _batch.collect(grads, "zero_nonfinite_", writes=True)
+    batch = _batch.collect(grads, "zero_nonfinite_", writes=True, cuda=True)
+    if batch.cuda:
+        return _cuda.zero_nonfinite_(batch)
     return _cpu.zero_nonfinite_(batch)

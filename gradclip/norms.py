@@ -1,7 +1,7 @@
 """Total and per-leaf gradient norms."""
 
 
-from . import _batch, _checks, _cpu
+from . import _batch, _checks, _cpu, _cuda
 from ._collective import Collective
 
 
@@ -49,8 +49,11 @@ def grad_norm(grads, norm_type=2.0, *, reducer=None, replicated=None):
     """
     with Collective("grad_norm", reducer) as collective:
         p = _checks.norm_type(norm_type)
-        batch = _batch.collect(grads, "grad_norm")
-        return collective.total_norm(batch, _cpu.leaf_norms(batch, p), p, replicated)
+        batch = _batch.collect(grads, "grad_norm", cuda=True)
+        if batch.cuda and collective.on_device(replicated):
+            return _cuda.grad_norm(batch, p)
+        total = collective.total_norm(batch, p, replicated)
+    return _cuda.on_first_device(batch, total) if batch.cuda else total
 
 
 def layer_norms(grads, norm_type=2.0):
@@ -75,5 +78,7 @@ def layer_norms(grads, norm_type=2.0):
     array([5., 2.])
     """
     p = _checks.norm_type(norm_type)
-    batch = _batch.collect(grads, "layer_norms")
+    batch = _batch.collect(grads, "layer_norms", cuda=True)
+    if batch.cuda:
+        return _cuda.layer_norms(batch, p)
     return _cpu.leaf_norms(batch, p)[batch.unique_of]

@@ -67,7 +67,7 @@ def norm_penalty(grads, tau, lam, *, reducer=None, replicated=None):
         tau = _checks.nonnegative("tau", tau)
         lam = _checks.nonnegative("lam", lam)
         batch = _batch.collect(grads, "norm_penalty")
-        norm = collective.total_norm(batch, _cpu.leaf_norms(batch, 2.0), 2.0, replicated)
+        norm = collective.total_norm(batch, 2.0, replicated)
     direction = batch.copy()
     if not math.isfinite(norm):
         value = math.nan

@@ -1,7 +1,12 @@
 """Fixtures shared by the gradclip tests. Helpers live in helpers.py, references in
 reference.py."""
 
+import os
 import zlib
+
+# The GPU tests run on numba-cuda's simulator; it is chosen when numba.cuda is first
+# imported, which only the GPU tests do.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest

@@ -338,3 +338,30 @@ def test_the_zero_example_trains_as_one_process_does():
     difference = float(done.stdout.rsplit(":", 1)[1])
     assert difference <= 1e-12, done.stdout
     assert "3 ranks" in done.stdout
+
+
+def test_gpu_shards_take_the_global_norm(rng):
+    """GPU leaves with a reducer: leaf norms come to the host for the all-reduce, the
+    total goes back to the device, and the shard is scaled there (simulator)."""
+    from numba import cuda
+
+    full, shards = sharded(2, rng, np.float32)
+    other = np.zeros(5)
+    other[1] = gc.grad_norm(shards[1])  # rank 1's local norm, in its slot
+
+    class RankZero:
+        rank, world_size = 0, 2
+
+        def all_reduce(self, values):
+            return values + other
+
+    expected = [leaf.copy() for leaf in shards[0]]
+    on_device = [cuda.to_device(leaf) for leaf in shards[0]]
+    norm = gc.grad_norm(on_device, reducer=RankZero())
+    total = gc.clip_grad_norm_(on_device, 0.5, reducer=RankZero())
+    for result in (norm, total):
+        assert hasattr(result, "__cuda_ndarray__") and result.shape == ()
+        assert_norm_close(float(result.copy_to_host()), ref_norm(full), rtol=1e-14)
+    gc.clip_grads_with_norm_(expected, 0.5, float(total.copy_to_host()))
+    for got, want in zip(on_device, expected):
+        np.testing.assert_array_equal(got.copy_to_host(), want)

@@ -1,0 +1,355 @@
+"""The CUDA backend on numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``, set in conftest.py).
+
+Threads per block and blocks per leaf are patched small so that multi-block and
+grid-stride paths run on small inputs. Results are checked against tests/reference.py:
+norms within 1e-12, scaled and clamped values bit for bit, memory outside strided
+views untouched. Launches are counted, and ``copy_to_host`` is forbidden inside
+``clip_grad_norm_``.
+"""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from helpers import (
+    DTYPES,
+    REAL_DTYPES,
+    Strided,
+    assert_norm_close,
+    assert_norms_close,
+    assert_same_bits,
+    assert_zeroed,
+    dtype_id,
+    raises_with,
+)
+from reference import (
+    BFLOAT16,
+    ref_clamp,
+    ref_clip_by_norm,
+    ref_layer_norms,
+    ref_norm,
+    ref_scale,
+)
+
+cuda = pytest.importorskip("numba.cuda")  # installed by the test extra: never skipped in CI
+from numba.cuda.simulator import kernel as sim_kernel  # noqa: E402
+from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray  # noqa: E402
+
+from gradclip._kernels import cuda as kernels  # noqa: E402
+
+TPB, BLOCKS = 4, 3
+LAYOUTS = ["C", "T_step"]
+SHAPES = [(), (0,), (4,), (13,), (3, 4)]  # on and off the boundaries of TPB = 4 and TPB * BLOCKS = 12
+NORM_CASES = [(d, 2.0) for d in DTYPES] + [
+    (np.dtype(np.float32), 1.0),
+    (np.dtype(np.float32), 3.0),
+    (np.dtype(np.float32), math.inf),
+    (np.dtype(np.float64), 1.0),
+    (np.dtype(np.float64), 0.5),
+    (np.dtype(np.complex64), math.inf),
+    (BFLOAT16, 3.0),
+]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", TPB)
+    monkeypatch.setattr(kernels, "MAX_BLOCKS", BLOCKS)
+
+
+class OnDevice:
+    """A `Strided` leaf whose base lives on the (simulated) device; ``view`` is the device view."""
+
+    def __init__(self, layout, shape, dtype, rng, scale=1.0):
+        self.host = Strided(layout, shape, dtype, rng, scale)
+        self.base = cuda.to_device(self.host.base)
+        self.view = self.host.view_fn(self.base)
+        assert isinstance(self.view, FakeCUDAArray)
+
+    def poke(self, value, index=None):
+        """Set one element of the view (the last by default), here and on the device."""
+        index = self.host.last_index() if index is None else index
+        self.host.poke(index, value)
+        self.view[index] = self.host.view[index]
+
+    def values(self):
+        return self.host.view_fn(self.base.copy_to_host())
+
+    def assert_base(self, expected_view, what="leaf"):
+        """The view holds ``expected_view``, and the memory around it is untouched."""
+        assert_same_bits(self.base.copy_to_host(), self.host.expected_base(expected_view), what=what)
+
+
+def leaves(dtype, rng, layouts=LAYOUTS, shapes=SHAPES, scale=1.0):
+    return [OnDevice(layout, shape, dtype, rng, scale) for layout in layouts for shape in shapes]
+
+
+def host(x):
+    assert isinstance(x, FakeCUDAArray), f"expected a device array, got {type(x).__name__}"
+    return x.copy_to_host()
+
+
+class ForeignArray:
+    """Only ``__cuda_array_interface__``, pointing at (simulated) device memory."""
+
+    def __init__(self, device_array, readonly=False):
+        self._keep = device_array
+        ary = device_array._ary
+        self.__cuda_array_interface__ = {
+            "shape": ary.shape,
+            "strides": ary.strides,
+            "typestr": ary.dtype.str,
+            "data": (ary.ctypes.data, readonly),
+            "version": 3,
+        }
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Kernel launches, counted where the simulator runs them."""
+    counted = []
+    call = sim_kernel.FakeCUDAKernel.__call__
+
+    def counting(self, *args):
+        if not self._device and sim_kernel._get_kernel_context() is None:
+            counted.append(self.fn.__name__)
+        return call(self, *args)
+
+    monkeypatch.setattr(sim_kernel.FakeCUDAKernel, "__call__", counting)
+    return counted
+
+
+# ---------------------------------------------------------------- import and dispatch
+
+
+def test_import_gradclip_imports_no_cuda_module():
+    code = "import sys, gradclip; print(sorted(m for m in sys.modules if m.startswith(('numba.cuda', 'cupy'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_missing_numba_cuda_names_the_extra(monkeypatch, rng):
+    monkeypatch.setitem(sys.modules, "numba_cuda", None)  # makes ``import numba_cuda`` fail
+    leaf = OnDevice("C", (3,), np.float32, rng)
+    with raises_with(ImportError, "pip install 'gradclip[cuda]'"):
+        gc.grad_norm([leaf.view])
+
+
+def test_cpu_only_tools_refuse_gpu_leaves_naming_them(rng):
+    leaf = OnDevice("C", (3,), np.float32, rng)
+    with raises_with(NotImplementedError, "grads[1]", "CUDA", "GradAccumulator.step", "CPU arrays only"):
+        gc.GradAccumulator(2).step([np.ones(2), leaf.view])
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_foreign_array_with_only_the_interface(rng, readonly):
+    leaf = OnDevice("C", (3, 5), np.float32, rng)
+    foreign = ForeignArray(leaf.base, readonly=readonly)
+    total = gc.grad_norm(foreign)
+    assert_norm_close(host(total), ref_norm([leaf.host.view_before]))
+    if readonly:
+        with raises_with(ValueError, "grads", "read-only", "clip_grad_norm_"):
+            gc.clip_grad_norm_(foreign, 1e-3)
+        leaf.assert_base(leaf.host.view_before)
+    else:
+        gc.clip_grad_norm_(foreign, 1e-3)
+        assert_norm_close(host(gc.grad_norm(leaf.view)), 1e-3, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ norms
+
+
+@pytest.mark.parametrize("dtype, p", NORM_CASES, ids=lambda x: dtype_id(x) if isinstance(x, np.dtype) else f"p{x:g}")
+def test_norms_match_the_reference(rng, dtype, p):
+    grads = leaves(dtype, rng, layouts=["C", "F", "neg", "T_step"])
+    views = [g.view for g in grads]
+    befores = [g.host.view_before for g in grads]
+    total = gc.grad_norm(views, norm_type=p)
+    assert total.shape == ()
+    assert_norm_close(host(total), ref_norm(befores, p))
+    assert_norms_close(host(gc.layer_norms(views, norm_type=p)), ref_layer_norms(befores, p))
+
+
+def test_norms_are_bit_identical_across_calls(rng):
+    views = [g.view for g in leaves(np.float32, rng, layouts=["C", "T_step"])]
+    first = host(gc.layer_norms(views))
+    assert all(np.array_equal(host(gc.layer_norms(views)), first) for _ in range(2))
+
+
+def test_float64_near_overflow_stays_finite(rng):
+    g = OnDevice("C", (13,), np.float64, rng, scale=1e300)
+    assert_norm_close(host(gc.grad_norm(g.view)), ref_norm([g.host.view_before]))
+    assert_norm_close(host(gc.grad_norm(g.view, norm_type=7.0)), ref_norm([g.host.view_before], 7.0))
+
+
+def test_nan_and_inf_reach_the_norm(rng):
+    a, b = OnDevice("C", (13,), np.float32, rng), OnDevice("T", (3, 5), np.float32, rng)
+    a.poke(np.inf, (4,))
+    assert host(gc.grad_norm([a.view, b.view])) == math.inf
+    b.poke(np.nan, (1, 2))
+    assert math.isnan(host(gc.grad_norm([a.view, b.view])))
+
+
+def test_the_same_array_twice_counts_once(rng):
+    g = OnDevice("C", (5,), np.float32, rng)
+    expected = ref_norm([g.host.view_before])
+    assert_norm_close(host(gc.grad_norm([g.view, g.view])), expected)
+    assert_norms_close(host(gc.layer_norms([g.view, g.view])), [expected, expected])
+
+
+# --------------------------------------------------------------------- clipping
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_clip_grad_norm_scales_in_place_bit_for_bit(rng, dtype):
+    grads = leaves(dtype, rng)
+    befores = [g.host.view_before for g in grads]
+    total = gc.clip_grad_norm_([g.view for g in grads], max_norm=0.5)
+    assert_norm_close(host(total), ref_norm(befores))
+    for g, expected in zip(grads, ref_clip_by_norm(befores, 0.5, float(host(total)))):
+        g.assert_base(expected, what=f"{g.host!r}")
+
+
+def test_clip_grad_norm_below_max_norm_or_nonfinite_writes_nothing(rng):
+    grads = leaves(np.float32, rng, layouts=["C", "step3"])
+    views = [g.view for g in grads]
+    gc.clip_grad_norm_(views, max_norm=1e9)
+    grads[3].poke(np.nan)
+    before = [g.base.copy_to_host() for g in grads]
+    assert math.isnan(host(gc.clip_grad_norm_(views, max_norm=1e-3)))
+    for g, b in zip(grads, before):
+        assert_same_bits(g.base.copy_to_host(), b, nan_payload=True)
+    with raises_with(gc.NonFiniteGradientError, "non-finite"):
+        gc.clip_grad_norm_(views, max_norm=1e-3, error_if_nonfinite=True)
+
+
+def test_clip_grad_norm_copies_nothing_to_the_host(rng, monkeypatch):
+    views = [g.view for g in leaves(np.float32, rng, layouts=["C", "T_step"])]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a device -> host copy inside clip_grad_norm_")
+
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_host", forbidden)
+    total = gc.clip_grad_norm_(views, max_norm=0.5)
+    monkeypatch.undo()
+    assert_norm_close(host(gc.grad_norm(views)), 0.5, rtol=1e-5)
+    assert host(total) > 0.5
+
+
+@pytest.mark.parametrize("n", [1, 33, 100])
+def test_launches_per_pass_are_bounded_by_leaves_over_32(rng, launches, n):
+    grads = [OnDevice("C" if i % 3 else "step3", (1 + i % 4,), np.float32, rng) for i in range(n)]
+    views = [g.view for g in grads]
+    befores = [g.host.view_before for g in grads]
+    bound = math.ceil(n / 32) + 1
+    total = gc.clip_grad_norm_(views, max_norm=0.5)
+    assert launches.count("kernel") + launches.count("finish_cuda") <= bound  # the norm pass
+    assert launches.count("scale_cuda_") <= bound
+    assert len(launches) <= 2 * bound
+    for g, expected in zip(grads, ref_clip_by_norm(befores, 0.5, float(host(total)))):
+        g.assert_base(expected)
+
+
+def test_float64_takes_a_peak_pass_and_a_scaled_pass(rng, launches):
+    views = [OnDevice("C", (5,), np.float64, rng).view for _ in range(40)]
+    gc.grad_norm(views)
+    assert launches == ["kernel", "kernel", "finish_cuda"] * 2
+
+
+@pytest.mark.parametrize("dtype", REAL_DTYPES, ids=dtype_id)
+def test_out_of_place_twins_return_device_arrays_and_leave_the_input(rng, dtype):
+    grads = leaves(dtype, rng, layouts=["neg", "T_step"])
+    befores = [g.host.view_before for g in grads]
+    tree = {"a": [g.view for g in grads[:3]], "b": tuple(g.view for g in grads[3:])}
+    clipped, total = gc.clip_grad_norm(tree, max_norm=0.5)
+    out = clipped["a"] + list(clipped["b"])
+    for g, o, expected in zip(grads, out, ref_clip_by_norm(befores, 0.5, float(host(total)))):
+        assert o.shape == g.view.shape and o.dtype == g.view.dtype
+        assert_same_bits(host(o), expected)
+        g.assert_base(g.host.view_before)
+    for g, o in zip(grads, gc.clip_grad_value([g.view for g in grads], 0.5)):
+        assert_same_bits(host(o), ref_clamp(g.host.view_before, 0.5))
+        g.assert_base(g.host.view_before)
+
+
+def test_out_of_place_clip_copies_when_nothing_clips(rng):
+    g = OnDevice("T_step", (3, 5), np.complex64, rng)
+    g.poke(complex(np.inf, 1.0), (0, 1))
+    (clipped,), total = gc.clip_grad_norm([g.view], max_norm=1.0)
+    assert host(total) == math.inf
+    assert_same_bits(host(clipped), g.values())
+
+
+@pytest.mark.parametrize("dtype", REAL_DTYPES, ids=dtype_id)
+def test_clip_grad_value_clamps_in_place(rng, dtype):
+    grads = leaves(dtype, rng, layouts=["step3", "T_step"])
+    grads[3].poke(np.nan)
+    gc.clip_grad_value_([g.view for g in grads], clip_value=0.3)
+    for g in grads:
+        g.assert_base(ref_clamp(g.host.view_before, 0.3))
+
+
+def test_clip_grad_value_refuses_complex_before_writing(rng):
+    a, b = OnDevice("C", (5,), np.float32, rng, scale=10), OnDevice("C", (5,), np.complex64, rng)
+    with raises_with(TypeError, "grads[1]", "complex64", "clip_grad_value_"):
+        gc.clip_grad_value_([a.view, b.view], 1.0)
+    a.assert_base(a.host.view_before)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_clip_per_layer_clips_each_leaf_on_its_own_norm(rng, dtype):
+    big, small = OnDevice("T", (3, 5), dtype, rng, scale=10), OnDevice("step3", (5,), dtype, rng, scale=0.01)
+    norms = gc.clip_grad_norm_per_layer_([big.view, small.view, big.view], max_norm=1.0)
+    expected = ref_layer_norms([big.host.view_before, small.host.view_before, big.host.view_before])
+    assert_norms_close(host(norms), expected)
+    big.assert_base(ref_scale(big.host.view_before, 1.0 / (expected[0] + 1e-6)))
+    small.assert_base(small.host.view_before)
+
+
+def test_clip_grads_with_norm_reads_a_device_total(rng, monkeypatch):
+    g = OnDevice("C", (13,), np.float32, rng)
+    total = gc.grad_norm(g.view)
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_host", lambda *a, **k: pytest.fail("copied to the host"))
+    gc.clip_grads_with_norm_(g.view, max_norm=0.5, total_norm=total)
+    monkeypatch.undo()
+    g.assert_base(ref_scale(g.host.view_before, 0.5 / (ref_norm([g.host.view_before]) + 1e-6)))
+
+
+# ------------------------------------------------------------------- finiteness
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_all_finite_and_zero_nonfinite(rng, dtype):
+    grads = leaves(dtype, rng, layouts=["C", "T_step"], shapes=[(5,), (3, 4)])
+    views = [g.view for g in grads]
+    assert gc.all_finite(views) is True
+    grads[1].poke(np.inf)
+    grads[3].poke(np.nan, (2, 1))
+    assert gc.all_finite(views) is False
+    changed = gc.zero_nonfinite_(views)
+    expected = sum(int((~np.isfinite(np.asarray(g.host.view_before, dtype=np.complex128))).sum()) for g in grads)
+    assert host(changed) == expected > 0
+    if dtype.kind != "c":
+        for g in grads:
+            assert_zeroed(g.values(), g.host.view_before)
+    assert gc.all_finite(views) is True
+
+
+# ---------------------------------------------------------------- mixed CPU + GPU
+
+
+def test_mixed_cpu_and_gpu_leaves_combine_on_the_host(rng):
+    gpu = OnDevice("T_step", (3, 5), np.float32, rng)
+    cpu = rng.standard_normal(7)
+    expected = ref_norm([cpu, gpu.host.view_before])
+    assert gc.grad_norm([cpu, gpu.view]) == pytest.approx(expected, rel=1e-12)  # a float: first leaf on the CPU
+    assert_norm_close(host(gc.grad_norm([gpu.view, cpu])), expected)  # on the device of the first leaf
+    cpu_before = cpu.copy()
+    total = gc.clip_grad_norm_([cpu, gpu.view], max_norm=0.5)
+    expected_cpu, expected_gpu = ref_clip_by_norm([cpu_before, gpu.host.view_before], 0.5, total)
+    assert_same_bits(cpu, expected_cpu)
+    gpu.assert_base(expected_gpu)
