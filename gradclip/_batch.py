@@ -39,12 +39,10 @@ class Batch:
         return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals)
 
     def rebuild(self):
-        """The leaves in the caller's structure; NumPy scalars come back as scalars."""
-        leaves = [
-            self.arrays[u][()] if isinstance(self.originals[u], np.generic) else self.arrays[u]
-            for u in self.unique_of
-        ]
-        return _tree.unflatten(self.treedef, leaves)
+        """The leaves in the caller's structure and framework (`_dispatch.like`): NumPy
+        scalars come back as scalars, torch tensors as tensors, JAX arrays as JAX arrays."""
+        converted = [_dispatch.like(original, array) for original, array in zip(self.originals, self.arrays)]
+        return _tree.unflatten(self.treedef, [converted[u] for u in self.unique_of.tolist()])
 
 
 def collect(grads, function, *, writes=False, real_only=False):
@@ -68,7 +66,7 @@ def collect(grads, function, *, writes=False, real_only=False):
         if unique is None:
             where = lambda position=position: _tree.path(treedef, position)  # noqa: E731
             array = _dispatch.as_cpu_array(leaf, where)
-            _check(array, where, function, writes, real_only)
+            _check(leaf, array, where, function, writes, real_only)
             unique = index[id(leaf)] = len(arrays)
             arrays.append(array)
             originals.append(leaf)
@@ -119,12 +117,12 @@ def _collect_plain(leaves, treedef, writes, real_only):
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 
 
-def _check(array, where, function, writes, real_only):
+def _check(leaf, array, where, function, writes, real_only):
     _checks.check_dtype(where, array.dtype)
     if real_only:
         _checks.check_real(where, array.dtype, function)
-    if writes:
-        _checks.check_writable(where, array, function)
+    if writes and not array.flags.writeable:
+        _checks.check_writable(where, array, function, _dispatch.immutable_kind(leaf))
     flags = array.flags.num
     if not flags & _ALIGNED:
         _checks.check_aligned(where, array)

@@ -5,7 +5,14 @@
 - ``__cuda_array_interface__`` / ``__cuda_ndarray__`` (CuPy, Numba device arrays)
   -> CUDA, not available yet: a clear error.
 - ``__dlpack__`` producers (torch, JAX) in CPU memory -> a zero-copy NumPy view.
+
+Frameworks are recognised without importing them: a leaf can only be a
+``torch.Tensor`` (or a ``jax.Array``) if ``torch`` (``jax``) is in ``sys.modules``.
+The out-of-place functions hand their NumPy results back through `like`, as
+leaves of the caller's framework.
 """
+
+import sys
 
 import numpy as np
 
@@ -28,7 +35,79 @@ def as_cpu_array(leaf, where):
         if int(leaf.__dlpack_device__()[0]) != _DLPACK_CPU:
             raise _checks.cuda_unavailable(where, leaf)
         try:
+            torch = _torch_of(leaf)
+            if torch is not None:
+                return _torch_view(torch, leaf, where)
+            if _jax_of(leaf) is not None:
+                return _jax_view(leaf)
             return np.from_dlpack(leaf)
         except (BufferError, TypeError, ValueError, RuntimeError) as error:
             raise _checks.dlpack_failed(where, leaf, error) from None
+    if _jax_of(leaf) is not None:  # a tracer: a jax.Array with no memory to view
+        raise _checks.jax_traced(where, leaf)
     raise _checks.not_an_array(where, leaf)
+
+
+def immutable_kind(leaf):
+    """What makes ``leaf`` read-only by nature, for the message, or None."""
+    return "a JAX array (jax.Array is immutable)" if _jax_of(leaf) is not None else None
+
+
+def like(original, array):
+    """``array`` (a NumPy result) as a leaf of the caller's kind, given its input leaf ``original``.
+
+    torch in -> a CPU ``torch.Tensor`` sharing ``array``'s memory; JAX in -> a
+    ``jax.Array`` on the original's devices; a NumPy scalar -> a NumPy scalar;
+    anything else -> ``array`` itself. The dtype is ``array``'s (bfloat16 included).
+    """
+    if isinstance(original, np.ndarray):
+        return array
+    if isinstance(original, np.generic):
+        return array[()]
+    torch = _torch_of(original)
+    if torch is not None:
+        if array.dtype.name == "bfloat16":  # torch.from_numpy knows no ml_dtypes: the same bits as int16
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+    jax = _jax_of(original)
+    if jax is not None:
+        return jax.device_put(array, original.sharding)
+    return array
+
+
+def _torch_of(leaf):
+    """The torch module if ``leaf`` is a ``torch.Tensor``, else None."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(leaf, torch.Tensor) else None
+
+
+def _jax_of(leaf):
+    """The jax module if ``leaf`` is a ``jax.Array``, else None."""
+    jax = sys.modules.get("jax")
+    return jax if jax is not None and isinstance(leaf, getattr(jax, "Array", ())) else None
+
+
+def _torch_view(torch, tensor, where):
+    """A CPU tensor's memory as a writable NumPy array (any strides; bfloat16 as ml_dtypes')."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()  # the same memory, outside autograd
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(_bfloat16(where))
+    return tensor.numpy()  # zero-copy, and cheaper per tensor than np.from_dlpack
+
+
+def _jax_view(array):
+    """A JAX CPU array's buffer as a read-only NumPy array (zero-copy for a single-device array)."""
+    view = np.asarray(array)
+    if view.flags.writeable:  # JAX marks its own views read-only; never write into its buffers
+        view = view.view()
+        view.flags.writeable = False
+    return view
+
+
+def _bfloat16(where):
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise _checks.bfloat16_needs_ml_dtypes(where) from None
+    return ml_dtypes.bfloat16
