@@ -1,6 +1,9 @@
 """Dispatch by array type (SPEC §2): NumPy as is, DLPack producers zero-copy, CUDA arrays
 refused with an error that names the missing backend — before any leaf is touched."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -73,3 +76,14 @@ def test_gpu_arrays_are_refused_naming_the_missing_backend(gpu_leaf):
     with raises_with(NotImplementedError, "grads[1]", "CUDA", "gradclip._kernels.cuda"):
         gc.clip_grad_norm_([host, gpu_leaf], max_norm=1.0)
     assert np.array_equal(host, [10.0, -10.0])
+
+
+def test_import_gradclip_imports_no_framework():
+    """Frameworks are recognised through sys.modules, never imported to decide."""
+    code = (
+        "import sys, numpy as np, gradclip\n"
+        "gradclip.clip_grad_norm({'w': np.ones(3)}, 1.0)\n"
+        "print(sorted(m for m in ('torch', 'jax', 'gradclip.torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
