@@ -51,12 +51,12 @@ def collect(grads, function, *, writes=False, real_only=False):
     ``writes``: the call updates leaves in place (they must be writable, without
     repeated elements). ``real_only``: complex leaves are refused.
     """
-    if type(grads) is list:  # a flat list of arrays, most likely: no walk needed
-        batch = _collect_plain(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
+    if type(grads) is list:  # a flat list of arrays (or of tensors), most likely: no walk needed
+        batch = _collect_plain_or_torch(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
         if batch is not None:
             return batch
     leaves, treedef = _tree.flatten(grads)
-    batch = _collect_plain(leaves, treedef, writes, real_only)
+    batch = _collect_plain_or_torch(leaves, treedef, writes, real_only)
     if batch is not None:
         return batch
     index = {}
@@ -86,12 +86,23 @@ _C_CONTIGUOUS, _F_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x1, 0x2, 0x100, 0x400  # N
 _CONTIGUOUS = _C_CONTIGUOUS | _F_CONTIGUOUS
 
 
-def _collect_plain(leaves, treedef, writes, real_only):
+def _collect_plain_or_torch(leaves, treedef, writes, real_only):
+    """`_collect_plain` on the leaves, or on their NumPy views if they are CPU torch tensors."""
+    batch = _collect_plain(leaves, treedef, writes, real_only)
+    if batch is None:
+        views = _dispatch.torch_cpu_views(leaves)
+        if views is not None:
+            batch = _collect_plain(views, treedef, writes, real_only, originals=leaves)
+    return batch
+
+
+def _collect_plain(leaves, treedef, writes, real_only, originals=None):
     """The common case without a Python step per leaf, or None to take the general path.
 
     It applies when every leaf is a distinct, aligned, contiguous ``numpy.ndarray`` of a
     dtype already accepted once (writable if ``writes``; real if ``real_only``):
     then nothing can fail, and the array headers read in one kernel call say all.
+    ``originals``: the caller's leaves these arrays view (torch tensors), if not themselves.
     """
     headers = kernels.array_headers(leaves) if leaves else None
     if headers is None:
@@ -114,7 +125,7 @@ def _collect_plain(leaves, treedef, writes, real_only):
             return None
         tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
     leaves = list(leaves)  # the caller's list may change after we return
-    return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
+    return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves if originals is None else list(originals))
 
 
 def _check(leaf, array, where, function, writes, real_only):

@@ -48,6 +48,30 @@ def as_cpu_array(leaf, where):
     raise _checks.not_an_array(where, leaf)
 
 
+def torch_cpu_views(leaves):
+    """NumPy views of ``leaves`` if they are all distinct CPU torch tensors, else None.
+
+    The bulk path for the common PyTorch call (a model's gradients): one cheap
+    test and one zero-copy view per tensor. None means "not that case": the
+    general path (`as_cpu_array`, leaf by leaf) then decides, and names errors.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not leaves:
+        return None
+    tensor_type = torch.Tensor
+    views = []
+    try:
+        for leaf in leaves:
+            if not (isinstance(leaf, tensor_type) and leaf.is_cpu):
+                return None
+            views.append(_torch_view(torch, leaf, None))
+    except (TypeError, ValueError, RuntimeError, ImportError):  # e.g. a conjugate view: the general path explains
+        return None
+    if len(set(map(id, leaves))) != len(leaves):  # a repeated tensor: the general path counts it once
+        return None
+    return views
+
+
 def immutable_kind(leaf):
     """What makes ``leaf`` read-only by nature, for the message, or None."""
     return "a JAX array (jax.Array is immutable)" if _jax_of(leaf) is not None else None

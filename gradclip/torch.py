@@ -216,5 +216,5 @@ def _norm_tensor(total, grads):
     grads = [g for g in grads if g is not None]
     if not grads:
         return torch.tensor(total)
-    dtype = functools.reduce(torch.promote_types, {g.dtype.to_real() for g in grads})
+    dtype = functools.reduce(torch.promote_types, [d.to_real() for d in {g.dtype for g in grads}])
     return torch.tensor(total, dtype=dtype, device=grads[0].device)
