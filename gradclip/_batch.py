@@ -38,10 +38,11 @@ class Batch:
         arrays = [np.array(array, copy=True) for array in self.arrays]
         return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals)
 
-    def rebuild(self):
+    def rebuild(self, owned=True):
         """The leaves in the caller's structure and framework (`_dispatch.like`): NumPy
-        scalars come back as scalars, torch tensors as tensors, JAX arrays as JAX arrays."""
-        converted = [_dispatch.like(original, array) for original, array in zip(self.originals, self.arrays)]
+        scalars come back as scalars, torch tensors as tensors, JAX arrays as JAX arrays.
+        ``owned=False``: the arrays are buffers that will change (JAX then gets copies)."""
+        converted = [_dispatch.like(o, a, owned) for o, a in zip(self.originals, self.arrays)]
         return _tree.unflatten(self.treedef, [converted[u] for u in self.unique_of.tolist()])
 
 

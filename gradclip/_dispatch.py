@@ -77,12 +77,14 @@ def immutable_kind(leaf):
     return "a JAX array (jax.Array is immutable)" if _jax_of(leaf) is not None else None
 
 
-def like(original, array):
+def like(original, array, owned=True):
     """``array`` (a NumPy result) as a leaf of the caller's kind, given its input leaf ``original``.
 
     torch in -> a CPU ``torch.Tensor`` sharing ``array``'s memory; JAX in -> a
     ``jax.Array`` on the original's devices; a NumPy scalar -> a NumPy scalar;
     anything else -> ``array`` itself. The dtype is ``array``'s (bfloat16 included).
+    ``owned``: nothing else will write ``array``, so a JAX array may alias it;
+    otherwise (a buffer gradclip reuses) JAX gets a copy, as its arrays never change.
     """
     if isinstance(original, np.ndarray):
         return array
@@ -95,7 +97,7 @@ def like(original, array):
         return torch.from_numpy(array)
     jax = _jax_of(original)
     if jax is not None:
-        return jax.device_put(array, original.sharding)
+        return jax.device_put(array, original.sharding, may_alias=None if owned else False)
     return array
 
 

@@ -160,3 +160,14 @@ def test_a_training_step_with_an_optax_optimizer_follows_optax_clipping(rng):
         assert isinstance(got, jax.Array)
         np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=0, atol=1e-5)
         assert np.abs(to_numpy(got) - to_numpy(start)).max() > 1e-2  # training moved the parameters
+
+
+@pytest.mark.parametrize("copy_result", [True, False])
+def test_accumulated_jax_arrays_never_change(copy_result):
+    acc = gc.GradAccumulator(2, copy_result=copy_result)
+    windows = [[jnp.full(4096, float(v)), jnp.full(3, float(v), jnp.bfloat16)] for v in (1, 3, 10, 30)]
+    first = acc.step(windows[0]) or acc.step(windows[1])
+    second = acc.step(windows[2]) or acc.step(windows[3])
+    assert all(isinstance(x, jax.Array) for x in first + second)
+    assert [x.dtype for x in first] == [jnp.float32, jnp.float32]  # half precision accumulates in float32
+    assert [float(x[0]) for x in first + second] == [2.0, 2.0, 20.0, 20.0]  # the first window's results kept

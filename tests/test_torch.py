@@ -398,3 +398,12 @@ def test_a_training_run_follows_torchs_trajectory():
     assert clipped_steps >= 30  # clipping was in effect
     unclipped = torch.cat([p.detach().ravel() for p in runs["unclipped"].parameters()])
     assert (ours - unclipped).abs().max() > 1.0
+
+
+def test_accumulation_returns_tensors():
+    acc = gc.GradAccumulator(2, average=False, copy_result=False)
+    assert acc.step([torch.ones(3, dtype=torch.bfloat16), torch.ones(2)]) is None
+    summed = acc.step([torch.full((3,), 2.0, dtype=torch.bfloat16), torch.full((2,), 5.0)])
+    assert [type(s) for s in summed] == [torch.Tensor, torch.Tensor]
+    assert [s.dtype for s in summed] == [torch.float32, torch.float32]  # half precision accumulates in float32
+    assert summed[0].tolist() == [3.0, 3.0, 3.0] and summed[1].tolist() == [6.0, 6.0]
