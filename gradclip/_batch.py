@@ -88,22 +88,35 @@ _CONTIGUOUS = _C_CONTIGUOUS | _F_CONTIGUOUS
 
 
 def _collect_plain_or_torch(leaves, treedef, writes, real_only):
-    """`_collect_plain` on the leaves, or on their NumPy views if they are CPU torch tensors."""
+    """`_collect_plain`, or its twin for CPU torch tensors, or None."""
     batch = _collect_plain(leaves, treedef, writes, real_only)
-    if batch is None:
-        views = _dispatch.torch_cpu_views(leaves)
-        if views is not None:
-            batch = _collect_plain(views, treedef, writes, real_only, originals=leaves)
-    return batch
+    return batch if batch is not None else _collect_torch(leaves, treedef, real_only)
 
 
-def _collect_plain(leaves, treedef, writes, real_only, originals=None):
+def _collect_torch(leaves, treedef, real_only):
+    """`_collect_plain` for distinct, contiguous CPU torch tensors of supported dtypes
+    (always writable): the tables come from the addresses and sizes torch reports, and
+    ``Batch.arrays`` makes each tensor's NumPy view only if it is asked for."""
+    headers = _dispatch.torch_cpu_headers(leaves)
+    if headers is None:
+        return None
+    data, size, dtypes, code, views = headers
+    tables = []
+    for c, dtype in enumerate(dtypes):
+        if real_only and dtype.kind == "c":
+            return None  # the general path refuses it, naming the leaf
+        _checks.check_dtype(None, dtype)  # supported by construction: only marks bfloat16 as seen
+        rows = np.flatnonzero((code == c) & (size > 0))
+        tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
+    return Batch(treedef, views, np.arange(len(views)), tables, list(leaves))
+
+
+def _collect_plain(leaves, treedef, writes, real_only):
     """The common case without a Python step per leaf, or None to take the general path.
 
     It applies when every leaf is a distinct, aligned, contiguous ``numpy.ndarray`` of a
     dtype already accepted once (writable if ``writes``; real if ``real_only``):
     then nothing can fail, and the array headers read in one kernel call say all.
-    ``originals``: the caller's leaves these arrays view (torch tensors), if not themselves.
     """
     headers = kernels.array_headers(leaves) if leaves else None
     if headers is None:
@@ -126,7 +139,7 @@ def _collect_plain(leaves, treedef, writes, real_only, originals=None):
             return None
         tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
     leaves = list(leaves)  # the caller's list may change after we return
-    return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves if originals is None else list(originals))
+    return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 
 
 def _check(leaf, array, where, function, writes, real_only):

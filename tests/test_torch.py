@@ -145,6 +145,26 @@ def test_out_of_place_twins_return_tensors_in_the_tree(dtype, gen):
         assert_same_bits(to_numpy(values["w"]), ref_clamp(to_numpy(w), 0.5))
 
 
+def test_many_tensors_in_one_list(gen):
+    """The bulk path for lists of contiguous tensors: mixed dtypes, 0-d and empty ones."""
+    shapes = [(7,), (), (0,), (3, 4), (1,), (2, 0, 3)]
+    tensors = [random_tensor(shapes[i % 6], TORCH_DTYPES[i % 5], gen, 2.0) for i in range(300)]
+    before = [to_numpy(t) for t in tensors]
+    clipped, total = gc.clip_grad_norm(tensors, max_norm=1.0)
+    assert_norm_close(total, ref_norm(before))
+    for got, t, want in zip(clipped, tensors, ref_clip_by_norm(before, 1.0, total)):
+        assert isinstance(got, torch.Tensor) and got.dtype == t.dtype and got.shape == t.shape
+        assert_same_bits(to_numpy(got), want)
+    assert gc.clip_grad_norm_(tensors, max_norm=1.0) == total
+    for got, want in zip(tensors, ref_clip_by_norm(before, 1.0, total)):
+        assert_same_bits(to_numpy(got), want)
+    with raises_with(TypeError, "grads[4]", "complex64"):
+        gc.clip_grad_value_(tensors, 0.1)
+    tensors[9] = tensors[9].conj()  # complex64
+    with raises_with(TypeError, "grads[9]", "conjugate"):
+        gc.grad_norm(tensors)
+
+
 def test_repeated_tensor_comes_back_as_one_tensor(gen):
     t = random_tensor((4,), torch.float32, gen)
     clipped, total = gc.clip_grad_norm([t, t], max_norm=0.1)
@@ -152,8 +172,17 @@ def test_repeated_tensor_comes_back_as_one_tensor(gen):
     assert clipped[0] is clipped[1]
 
 
-def test_bfloat16_tensor_without_ml_dtypes_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now fails
+@pytest.fixture
+def without_ml_dtypes(monkeypatch):
+    """``import ml_dtypes`` fails, as where it is not installed (its torch dtype table forgotten)."""
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    _dispatch._torch_dtypes.cache_clear()
+    yield
+    _dispatch._torch_dtypes.cache_clear()
+
+
+@pytest.mark.usefixtures("without_ml_dtypes")
+def test_bfloat16_tensor_without_ml_dtypes_names_the_extra():
     grads = [torch.ones(2), torch.ones(2, dtype=torch.bfloat16)]
     with raises_with(ImportError, "grads[1]", "bfloat16", "gradclip[bf16]"):
         gc.clip_grad_norm_(grads, 0.1)
