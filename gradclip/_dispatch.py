@@ -69,24 +69,30 @@ def torch_cpu_headers(leaves):
     tensor_type = torch.Tensor
     data, size, code = [], [], []
     codes = {}
-    for leaf in leaves:
-        if not (isinstance(leaf, tensor_type) and leaf.is_cpu and leaf.is_contiguous()):
-            return None
-        dtype = leaf.dtype
-        c = codes.get(dtype)
-        if c is None:
-            if dtype not in known or (dtype.is_complex and (leaf.is_conj() or leaf.is_neg())):
+    try:
+        for leaf in leaves:
+            if not (isinstance(leaf, tensor_type) and leaf.is_cpu and leaf.is_contiguous()):
+                return None
+            dtype = leaf.dtype
+            c = codes.get(dtype)
+            if c is None:
+                if dtype not in known:
+                    return None
+                c = codes[dtype] = len(codes)
+            if dtype.is_complex and (leaf.is_conj() or leaf.is_neg()):
                 return None  # the lazy conjugate / negative bits are not in the memory
-            c = codes[dtype] = len(codes)
-        elif dtype.is_complex and (leaf.is_conj() or leaf.is_neg()):
-            return None
-        data.append(leaf.data_ptr())
-        size.append(leaf.numel())
-        code.append(c)
+            data.append(leaf.data_ptr())
+            size.append(leaf.numel())
+            code.append(c)
+    except RuntimeError:  # e.g. a sparse tensor has no strides
+        return None
     if len(set(map(id, leaves))) != len(leaves):  # a repeated tensor: the general path counts it once
         return None
     data, size, code = (np.array(column, dtype=np.int64) for column in (data, size, code))
-    return data, size, [known[dtype] for dtype in codes], code, TensorViews(leaves)
+    dtypes = [known[dtype] for dtype in codes]
+    if np.any(data % np.array([d.itemsize for d in dtypes])[code]):  # e.g. torch.frombuffer at an odd offset
+        return None
+    return data, size, dtypes, code, TensorViews(leaves)
 
 
 class TensorViews(Sequence):

@@ -436,3 +436,13 @@ def test_accumulation_returns_tensors():
     assert [type(s) for s in summed] == [torch.Tensor, torch.Tensor]
     assert [s.dtype for s in summed] == [torch.float32, torch.float32]  # half precision accumulates in float32
     assert summed[0].tolist() == [3.0, 3.0, 3.0] and summed[1].tolist() == [6.0, 6.0]
+
+
+def test_misaligned_and_sparse_tensors_are_refused_naming_the_leaf():
+    misaligned = torch.frombuffer(bytearray(40), dtype=torch.float32, offset=2, count=8)
+    other = torch.full((3,), 10.0)
+    with raises_with(ValueError, "grads[1]", "not aligned"):
+        gc.clip_grad_norm_([other, misaligned], 1.0)
+    assert other.tolist() == [10.0, 10.0, 10.0]
+    with raises_with(TypeError, "grads[0]", "Sparse"):
+        gc.grad_norm([torch.ones(3).to_sparse(), other])
