@@ -158,8 +158,8 @@ def render(record, markdown=False):
     legend = (
         "GB/s: gradient bytes (x2 for the clips, which write; accumulate adds its buffers' read and write) per "
         "second. of limit: the bandwidth probe's time for the same passes (accumulate: its bytes at the probe's "
-        "read+write rate) / median. vs torch: torch foreach=True median / gradclip median. rel. error: "
-        "the returned norm vs a float64 reference."
+        "read+write rate) / median. vs torch: torch foreach=True median / gradclip median (gradclip on the NumPy "
+        "arrays, gradclip.torch on the tensors). rel. error: the returned norm vs a float64 reference."
     )
     parts = [machine_summary(record), *record["notes"]]
     parts += [workloads_table(record, markdown), results_table(record, markdown)]

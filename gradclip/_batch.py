@@ -41,13 +41,12 @@ class Batch:
         arrays = [np.array(array, copy=True) for array in self.arrays]
         return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals, self.cuda)
 
-    def rebuild(self):
-        """The leaves in the caller's structure; NumPy scalars come back as scalars."""
-        leaves = [
-            self.arrays[u][()] if isinstance(self.originals[u], np.generic) else self.arrays[u]
-            for u in self.unique_of
-        ]
-        return _tree.unflatten(self.treedef, leaves)
+    def rebuild(self, owned=True):
+        """The leaves in the caller's structure and framework (`_dispatch.like`): NumPy
+        scalars come back as scalars, torch tensors as tensors, JAX arrays as JAX arrays.
+        ``owned=False``: the arrays are buffers that will change (JAX then gets copies)."""
+        converted = [_dispatch.like(o, a, owned) for o, a in zip(self.originals, self.arrays)]
+        return _tree.unflatten(self.treedef, [converted[u] for u in self.unique_of.tolist()])
 
 
 def collect(grads, function, *, writes=False, real_only=False, cuda=False):
@@ -57,12 +56,12 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
     repeated elements). ``real_only``: complex leaves are refused. ``cuda``: the
     caller handles GPU leaves (``Batch.cuda``); otherwise they are refused.
     """
-    if type(grads) is list:  # a flat list of arrays, most likely: no walk needed
-        batch = _collect_plain(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
+    if type(grads) is list:  # a flat list of arrays (or of tensors), most likely: no walk needed
+        batch = _collect_plain_or_torch(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
         if batch is not None:
             return batch
     leaves, treedef = _tree.flatten(grads)
-    batch = _collect_plain(leaves, treedef, writes, real_only)
+    batch = _collect_plain_or_torch(leaves, treedef, writes, real_only)
     if batch is not None:
         return batch
     index = {}
@@ -83,7 +82,7 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
                 array = _GPU_PLACEHOLDER
             else:
                 array = _dispatch.as_cpu_array(leaf, where)
-                _check(array, where, function, writes, real_only)
+                _check(leaf, array, where, function, writes, real_only)
             arrays.append(array)
             originals.append(leaf)
         unique_of.append(unique)
@@ -105,6 +104,30 @@ def tables(arrays):
 
 _C_CONTIGUOUS, _F_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x1, 0x2, 0x100, 0x400  # NumPy's flag bits
 _CONTIGUOUS = _C_CONTIGUOUS | _F_CONTIGUOUS
+
+
+def _collect_plain_or_torch(leaves, treedef, writes, real_only):
+    """`_collect_plain`, or its twin for CPU torch tensors, or None."""
+    batch = _collect_plain(leaves, treedef, writes, real_only)
+    return batch if batch is not None else _collect_torch(leaves, treedef, real_only)
+
+
+def _collect_torch(leaves, treedef, real_only):
+    """`_collect_plain` for distinct, contiguous CPU torch tensors of supported dtypes
+    (always writable): the tables come from the addresses and sizes torch reports, and
+    ``Batch.arrays`` makes each tensor's NumPy view only if it is asked for."""
+    headers = _dispatch.torch_cpu_headers(leaves)
+    if headers is None:
+        return None
+    data, size, dtypes, code, views = headers
+    tables = []
+    for c, dtype in enumerate(dtypes):
+        if real_only and dtype.kind == "c":
+            return None  # the general path refuses it, naming the leaf
+        _checks.check_dtype(None, dtype)  # supported by construction: only marks bfloat16 as seen
+        rows = np.flatnonzero((code == c) & (size > 0))
+        tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
+    return Batch(treedef, views, np.arange(len(views)), tables, list(leaves))
 
 
 def _collect_plain(leaves, treedef, writes, real_only):
@@ -138,12 +161,12 @@ def _collect_plain(leaves, treedef, writes, real_only):
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 
 
-def _check(array, where, function, writes, real_only):
+def _check(leaf, array, where, function, writes, real_only):
     _checks.check_dtype(where, array.dtype)
     if real_only:
         _checks.check_real(where, array.dtype, function)
-    if writes:
-        _checks.check_writable(where, array, function)
+    if writes and not array.flags.writeable:
+        _checks.check_writable(where, array, function, _dispatch.immutable_kind(leaf))
     flags = array.flags.num
     if not flags & _ALIGNED:
         _checks.check_aligned(where, array)

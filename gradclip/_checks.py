@@ -147,6 +147,21 @@ def dlpack_failed(where, leaf, error):
     )
 
 
+def jax_traced(where, leaf):
+    return TypeError(
+        f"{where()} is a JAX tracer ({type(leaf).__name__}), not a concrete array: gradclip runs "
+        "eagerly on memory and cannot be called inside jax.jit / jax.grad / jax.vmap; call it on the "
+        "gradients outside the traced function (or use optax.clip_by_global_norm inside it)"
+    )
+
+
+def bfloat16_needs_ml_dtypes(where):
+    return ImportError(
+        f"{where()} is a bfloat16 tensor, which gradclip reads as an ml_dtypes.bfloat16 NumPy array, "
+        "and ml_dtypes could not be imported; install it with: pip install 'gradclip[bf16]'"
+    )
+
+
 def accepted(dtype):
     """Whether ``dtype`` has passed `check_dtype` before."""
     return dtype in _accepted
@@ -179,15 +194,17 @@ def check_real(where, dtype, function):
 _OUT_OF_PLACE_TWIN = {"clip_grad_norm_": "clip_grad_norm", "clip_grad_value_": "clip_grad_value"}
 
 
-def check_writable(where, array, function):
+def check_writable(where, array, function, owner=None):
+    """``owner`` says why the leaf cannot be written (e.g. it is a JAX array), if it is known."""
     if not array.flags.writeable:
-        raise_read_only(where, function)
+        raise_read_only(where, function, owner)
 
 
-def raise_read_only(where, function):
+def raise_read_only(where, function, owner=None):
     twin = _OUT_OF_PLACE_TWIN.get(function)
     hint = f"use {twin}(...), the out-of-place twin" if twin else "pass a writable copy"
-    raise ValueError(f"{where()} is read-only and {function} writes in place; {hint}")
+    what = f"is {owner}" if owner else "is read-only"
+    raise ValueError(f"{where()} {what} and {function} writes in place; {hint}")
 
 
 def check_aligned(where, array):

@@ -46,7 +46,9 @@ class GradAccumulator:
         What `step` returns at the end of a window. True: new arrays, which later
         steps never change. False (zero-copy): views of the accumulator's own
         buffers, valid until the next call to `step`, `reset` or `load_state_dict`,
-        which overwrite or drop them; copy what you keep longer.
+        which overwrite or drop them; copy what you keep longer. Results come
+        back in the grads' framework (torch tensors, JAX arrays); JAX arrays never
+        change, so for them False still copies.
 
     Notes
     -----
@@ -293,7 +295,7 @@ class _Buffers:
             return out.rebuild()
         if coef != 1.0:
             _cpu.scale_(self.batch, np.full(len(self.flats), coef))
-        return _batch.Batch(self.treedef, self.views, positions, [], originals).rebuild()
+        return _batch.Batch(self.treedef, self.views, positions, [], originals).rebuild(owned=False)
 
     def snapshot(self):
         structure = {

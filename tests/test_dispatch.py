@@ -1,6 +1,9 @@
 """Dispatch by array type (SPEC §2): NumPy as is, DLPack producers zero-copy (CUDA arrays:
 tests/test_cuda.py)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -49,3 +52,14 @@ def test_dlpack_export_failure_names_the_leaf():
 
     with raises_with(TypeError, "grads['w']", "DLPack", "no export today"):
         gc.grad_norm({"w": Broken(np.ones(2))})
+
+
+def test_import_gradclip_imports_no_framework():
+    """Frameworks are recognised through sys.modules, never imported to decide."""
+    code = (
+        "import sys, numpy as np, gradclip\n"
+        "gradclip.clip_grad_norm({'w': np.ones(3)}, 1.0)\n"
+        "print(sorted(m for m in ('torch', 'jax', 'gradclip.torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
