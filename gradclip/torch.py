@@ -5,8 +5,8 @@
 takes: a tensor or an iterable of parameters (their ``.grad`` is used, ``None``
 skipped) or, for ``get_total_norm``, the gradient tensors themselves. Norms come
 back as 0-d tensors of the dtype and device PyTorch returns. The gradients are
-read and written in place, zero-copy (CPU tensors; a CUDA tensor raises
-``NotImplementedError`` until gradclip has a CUDA backend).
+read and written in place, zero-copy. CUDA tensors go to gradclip's GPU backend
+through CuPy (``pip install 'gradclip[cuda]'``), and their norm stays on the device.
 
 ``import gradclip`` does not import this module; ``import gradclip.torch`` imports torch.
 
@@ -143,7 +143,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     total = norms.grad_norm(tensors, float(norm_type))
-    if error_if_nonfinite and not math.isfinite(total):
+    if error_if_nonfinite and not math.isfinite(float(total)):  # a device norm: this synchronises
         _checks.raise_nonfinite(total)
     return _norm_tensor(total, tensors)
 
@@ -217,4 +217,6 @@ def _norm_tensor(total, grads):
     if not grads:
         return torch.tensor(total)
     dtype = functools.reduce(torch.promote_types, [d.to_real() for d in {g.dtype for g in grads}])
+    if not isinstance(total, float):  # a 0-d device array (CUDA gradients): it stays there
+        return torch.as_tensor(total, device=grads[0].device).to(dtype)
     return torch.tensor(total, dtype=dtype, device=grads[0].device)
