@@ -73,9 +73,9 @@ def total_norm(norms, p):
     """The p-norm of a vector of leaf norms, as a float (NaN wins over inf)."""
     if norms.size == 0:
         return 0.0
-    if np.isnan(norms).any():
+    peak = float(norms.max())  # NaN if any norm is NaN
+    if math.isnan(peak):
         return math.nan
-    peak = float(norms.max())
     if p == math.inf or peak in (0.0, math.inf):
         return peak
     return peak * float(np.sum((norms / peak) ** p)) ** (1.0 / p)
