@@ -323,6 +323,14 @@ def params_mismatch(grads_path, params_path, detail):
     )
 
 
+def agc_devices(grads_path, params_path, grad_on_gpu):
+    grad, param = ("CUDA", "CPU") if grad_on_gpu else ("CPU", "CUDA")
+    return ValueError(
+        f"{grads_path} is a {grad} array but {params_path} a {param} array; each gradient and "
+        "its parameter must be on the same device"
+    )
+
+
 def shape_mismatch(grads_path, grad_shape, params_path, param_shape):
     return ValueError(
         f"{grads_path} has shape {grad_shape} but {params_path} has shape {param_shape}; "
@@ -376,6 +384,13 @@ def complex_into_real(where, dtype, accumulator):
     return TypeError(
         f"{where} has dtype {dtype} but the accumulator dtype is {accumulator}, which cannot hold "
         "complex values; pass a complex accumulator_dtype (e.g. np.complex128) or leave it None"
+    )
+
+
+def mixed_devices(function, cpu, gpu):
+    return ValueError(
+        f"{function}: {cpu} is a CPU array and {gpu} a CUDA array; the buffers live on one "
+        "device: pass the gradients of one device per call (one accumulator per device)"
     )
 
 

@@ -18,6 +18,10 @@ finishing launch, and its results stay in device memory:
 
 Leaves of one call on the GPU and on the CPU are reduced apart and combined on
 the host (this synchronises); so is the bool of ``all_finite``.
+
+The stateful tools' helpers close the module: `Accumulation` (GradAccumulator's
+device buffers), AGC's `units` (a unit is a row of the plan) and `multiply_`, and
+`multiplied` (norm_penalty's direction).
 """
 
 import ctypes
@@ -83,6 +87,14 @@ class DeviceLeaf:
     def size(self):
         return math.prod(self.shape)
 
+    def part(self, offset, shape, strides):
+        """The sub-array at byte ``offset`` with ``shape`` and byte ``strides``, of the same owner."""
+        part = DeviceLeaf.__new__(DeviceLeaf)
+        for name in ("obj", "kind", "dtype", "itemsize", "readonly", "stream"):
+            setattr(part, name, getattr(self, name))
+        part.ptr, part.shape, part.strides = self.ptr + offset, tuple(shape), tuple(strides)
+        return part
+
 
 def _c_strides(shape, itemsize):
     strides, step = [], itemsize
@@ -126,20 +138,29 @@ class Leaves:
 # ---------------------------------------------------------------- planning
 
 
-def _walk(leaf):
-    """``(base address, extent in elements, [(length, step), ...] innermost first)``."""
-    axes = _table._axes(leaf)
+def _walk(leaf, order=None):
+    """``(base address, extent, offset, [(length, step), ...] innermost first)``: where the
+    memory the leaf spans starts, its extent and the position of the walk's first element
+    in it, and the walk's axes, all in elements but the address. ``order``: the
+    `_table.traversal` to walk the leaf in, its own by default (then every step is >= 0
+    and the offset 0); steps are negative where ``order`` runs against the leaf's strides."""
+    if order is None:
+        axes = _table._axes(leaf)  # (axis, length, |stride|, flipped)
+    else:
+        axes = [(a, leaf.shape[a], -leaf.strides[a] if flipped else leaf.strides[a], flipped) for a, flipped in order]
     if not axes:  # one element
-        return leaf.ptr, 1, []
-    base = leaf.ptr - sum((n - 1) * s for _, n, s, flipped in axes if flipped)
+        return leaf.ptr, 1, 0, []
+    start = leaf.ptr - sum((n - 1) * s for _, n, s, flipped in axes if flipped)
     merged = [(n, s // leaf.itemsize) for n, s in _table._merged(axes)]
-    return base, 1 + sum((n - 1) * s for n, s in merged), merged
+    low = sum((n - 1) * s for n, s in merged if s < 0)
+    return start + low * leaf.itemsize, 1 + sum((n - 1) * abs(s) for n, s in merged), -low, merged
 
 
 class _Plan:
     """Rows, views and launches for the leaves of one call (see the module docstring)."""
 
-    def __init__(self, leaves):
+    def __init__(self, leaves, orders=None):
+        """``orders``: per leaf, the `_table.traversal` to walk it in (see `_walk`)."""
         cuda, kernels = _cuda(), _kernels()
         first = leaves[0]
         self.kind, self.stream, self.owner = first.kind, first.stream, first.obj
@@ -151,13 +172,13 @@ class _Plan:
         order += [i for i, leaf in enumerate(leaves) if not leaf.size]
         self.row_of = np.empty(len(leaves), np.int64)
         self.row_of[order] = np.arange(len(leaves))
-        walks = [_walk(leaves[i]) if leaves[i].size else (0, 0, []) for i in order]
-        width = kernels.AXES + 2 * max(1, max(len(w[2]) for w in walks))
+        walks = [_walk(leaves[i], None if orders is None else orders[i]) if leaves[i].size else (0, 0, 0, []) for i in order]
+        width = kernels.AXES + 2 * max(1, max(len(w[3]) for w in walks))
         meta = np.zeros((len(leaves), width), np.int64)
         tpb = kernels.THREADS_PER_BLOCK
-        for row, (i, (_, _, axes)) in enumerate(zip(order, walks)):
+        for row, (i, (_, _, offset, axes)) in enumerate(zip(order, walks)):
             size = leaves[i].size
-            meta[row, : kernels.AXES] = (size, min(kernels.MAX_BLOCKS, -(-size // tpb)), 0, len(axes), 0)
+            meta[row, : kernels.AXES] = (size, min(kernels.MAX_BLOCKS, -(-size // tpb)), 0, len(axes), offset)
             for d, (n, s) in enumerate(axes):
                 meta[row, kernels.AXES + 2 * d : kernels.AXES + 2 * d + 2] = (n, s)
         self.meta_host = meta
@@ -240,12 +261,12 @@ class _Plan:
                 leaf = leaves[order[row]]
                 buffer, owner = self.empty((leaf.size,), views[0].dtype)
                 buffers.append(buffer)
-                results[order[row]] = _leaf_shaped(self.kind, buffer, owner, leaf)
+                results[order[row]] = _leaf_shaped(self.kind, owner, leaf)
             dst.append(tuple(buffers + [buffers[0]] * (kernels.SLOTS - count)))
         for i, leaf in enumerate(leaves):
             if results[i] is None:  # empty
-                buffer, owner = self.empty((0,), _kernel_dtype(leaf.dtype))
-                results[i] = _leaf_shaped(self.kind, buffer, owner, leaf)
+                _, owner = self.empty((0,), _kernel_dtype(leaf.dtype))
+                results[i] = _leaf_shaped(self.kind, owner, leaf)
         return dst, results
 
 
@@ -277,14 +298,20 @@ def _dense_layout(shape, order, itemsize):
     return tuple(strides), start
 
 
-def _leaf_shaped(kind, buffer, owner, leaf):
-    """The out-of-place result of ``leaf``: its shape and dtype over the dense ``buffer``."""
-    strides, start = _dense_layout(leaf.shape, _table.traversal(leaf), leaf.itemsize)
+def _leaf_shaped(kind, owner, leaf):
+    """The out-of-place result of ``leaf``: its shape and dtype over the dense ``owner``."""
+    return _dense_shaped(kind, owner, leaf.shape, _table.traversal(leaf), leaf.dtype)
+
+
+def _dense_shaped(kind, flat, shape, order, dtype):
+    """``shape`` and ``dtype`` over ``flat`` (a dense 1-d array of the call's kind) laid out
+    in ``order`` (a `_table.traversal`)."""
+    strides, start = _dense_layout(shape, order, dtype.itemsize)
     if kind == "cupy":
         import cupy
 
-        return cupy.ndarray(leaf.shape, leaf.dtype, memptr=owner.data + start, strides=strides)
-    return _shaped(buffer, leaf.shape, strides, leaf.dtype, start)
+        return cupy.ndarray(shape, dtype, memptr=flat.data + start, strides=strides)
+    return _shaped(flat, shape, strides, dtype, start)
 
 
 def _shaped(array, shape, strides, dtype, start):
@@ -338,9 +365,18 @@ def _device_norms(gpu, p, positions=None):
 def host_norms(batch, p):
     """Every unique leaf's norm on the host: the CPU ones and the GPU ones (synchronises)."""
     norms = _cpu.leaf_norms(batch, p)
-    plan, device, _, _ = _device_norms(batch.cuda, p)
-    norms[batch.cuda.unique] = device.copy_to_host()[plan.row_of]
+    norms[batch.cuda.unique] = _gpu_host_norms(batch.cuda, p)
     return norms
+
+
+def leaf_norms(leaves, p):
+    """The norm of each `DeviceLeaf` of ``leaves``, on the host (synchronises)."""
+    return _gpu_host_norms(Leaves(np.arange(len(leaves)), leaves, False), p)
+
+
+def _gpu_host_norms(gpu, p):
+    plan, device, _, _ = _device_norms(gpu, p)
+    return device.copy_to_host()[plan.row_of]
 
 
 def on_first_device(batch, value):
@@ -496,28 +532,175 @@ def all_finite(batch):
     """Whether every element is finite: a bool, so this synchronises."""
     if batch.cuda.mixed and _cpu.count_nonfinite(batch):
         return False
-    plan, total = _count(batch, "nonfinite_cuda")
-    return float(total[0].copy_to_host()[0]) == 0
+    return float(_count(batch.cuda.plan(), "nonfinite_cuda")[0].copy_to_host()[0]) == 0
 
 
 def zero_nonfinite_(batch):
     """Zero the non-finite elements; the count as a device array (an int if mixed: synchronises)."""
-    plan, total = _count(batch, "zero_nonfinite_cuda_")
+    plan = batch.cuda.plan()
+    total = _count(plan, "zero_nonfinite_cuda_")
     if batch.cuda.mixed:
         return _cpu.zero_nonfinite_(batch) + int(total[0].copy_to_host()[0])
     return plan.scalar(*total)
 
 
-def _count(batch, name):
-    """Launch a counting kernel over every GPU leaf; the count (float64) in device memory."""
-    kernels, plan = _kernels(), batch.cuda.plan()
+def _count_scratch(plan):
+    """New device arrays for `_count`: ``(meta, partials, total, positions)``."""
     meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
     partials, _ = plan.empty((plan.rows, plan.max_blocks))
-    total = plan.empty((1,))
+    return meta, partials, plan.empty((1,)), plan.to_device(np.zeros(0, np.int64))
+
+
+def _count(plan, name, scratch=None):
+    """Launch a counting kernel over every leaf of ``plan``; the count (float64) in device
+    memory, as ``(kernel array, result)``. ``scratch``: `_count_scratch`'s arrays to reuse."""
+    kernels = _kernels()
+    meta, partials, total, positions = scratch or _count_scratch(plan)
     if name == "nonfinite_cuda":
         plan.launch(name, meta, 2.0, partials[:, 0], partials, dst=False)  # p and the peaks: not read
     else:
         plan.launch(name, meta, partials, dst=False)
     unused = partials[:, 0]
-    plan.finish(partials, meta, kernels.FOLD_COUNT, 2.0, unused, unused, total[0], plan.to_device(np.zeros(0, np.int64)), unused)
-    return plan, total
+    plan.finish(partials, meta, kernels.FOLD_COUNT, 2.0, unused, unused, total[0], positions, unused)
+    return total
+
+
+# ------------------------------------------------- the stateful tools' helpers
+
+
+def position_leaves(batch):
+    """The `DeviceLeaf` at every position of ``batch`` (a repeated array at each of its
+    positions), None at the CPU ones."""
+    return [batch.cuda.leaves[i] if i >= 0 else None for i in _gpu_index(batch)[batch.unique_of].tolist()]
+
+
+def plan(leaves, orders=None):
+    """The plan of ``leaves`` (`DeviceLeaf` objects, repeats allowed), each walked in its
+    entry of ``orders`` (see `_walk`)."""
+    return _Plan(leaves, orders)
+
+
+def units(leaf, unit_axes):
+    """One `DeviceLeaf` per unit of ``leaf``: its sub-array over ``unit_axes`` at every index
+    of the other axes (as ``adaptive._units`` cuts a NumPy array)."""
+    outer = [a for a in range(len(leaf.shape)) if a not in unit_axes]
+    shape = [leaf.shape[a] for a in unit_axes]
+    strides = [leaf.strides[a] for a in unit_axes]
+    return [
+        leaf.part(sum(i * leaf.strides[a] for i, a in zip(index, outer)), shape, strides)
+        for index in np.ndindex(*(leaf.shape[a] for a in outer))
+    ]
+
+
+def multiply_(leaves, coefs):
+    """``leaves[i] *= coefs[i]`` in place, rounded once; leaves whose coefficient is 1 are not
+    written, and launches holding only such leaves are not made."""
+    plan = _Plan(leaves)
+    rows = np.empty(plan.rows)
+    rows[plan.row_of] = coefs
+    meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
+    plan.launch("multiply_cuda_", meta, plan.to_device(rows), False, rows=_launches_with(plan, rows != 1.0))
+
+
+def _launches_with(plan, row_mask):
+    """A row mask for `_Plan.launch`: each launch's first row set iff any of its rows is."""
+    first_rows = np.zeros(plan.rows, dtype=bool)
+    for _, first, _, count, _ in plan.launches:
+        first_rows[first] = row_mask[first : first + count].any()
+    return first_rows
+
+
+def multiplied(batch, target, value, fill):
+    """The out-of-place result: ``target`` (a ``Batch.copy``) with new arrays for the GPU
+    leaves holding ``x * value`` rounded once, or ``value`` everywhere (``fill``)."""
+    plan = batch.cuda.plan()
+    meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
+    dst, results = plan.dense_copies(batch.cuda.leaves)
+    plan.launch("multiply_cuda_", meta, plan.to_device(np.full(plan.rows, float(value))), fill, dst=dst)
+    return _rebuild(batch, target, results)
+
+
+class Accumulation:
+    """`GradAccumulator`'s buffers on the GPU and what every micro-batch's launches reuse.
+
+    One dense buffer per position, of the grads' kind (CuPy or Numba), element ``k`` of
+    the position's walk in the window's ``order`` at ``k`` (as on the CPU). Allocated
+    once, when the window is placed on the GPU, with the device ``meta`` of the
+    micro-batches, the scratch of the non-finite check and the averaging coefficients:
+    later micro-batches of the same layout allocate nothing on the device.
+    """
+
+    def __init__(self, leaves, plan, orders, accumulators, coef, saved=None):
+        """``leaves``: the placing micro-batch's `DeviceLeaf` per position, and ``plan`` its
+        ``_Plan(leaves, orders)``; ``coef``: the factor of the window's result; ``saved``:
+        host buffers to start from."""
+        kernels = _kernels()
+        self.kind, self.stream = plan.kind, plan.stream
+        self.meta_host = plan.meta_host
+        self.scratch = _count_scratch(plan)
+        self.meta = self.scratch[0]
+        self.buffers, self.flats = [], []  # kernel views (bfloat16 as int16); as 1-d arrays of the kind
+        for position, (leaf, acc) in enumerate(zip(leaves, accumulators)):
+            buffer, owner = plan.empty((leaf.size,), _kernel_dtype(acc))
+            if saved is not None and leaf.size:
+                buffer.copy_to_device(np.ascontiguousarray(saved[position]).view(buffer.dtype), stream=self.stream)
+            self.buffers.append(buffer)
+            self.flats.append(_dense_shaped(self.kind, owner, (buffer.size,), ((0, False),), acc))
+        self.orders = orders
+        self.launches = []  # per launch of ``plan`` (and of every later micro-batch's): kernel, buffers
+        order = np.argsort(plan.row_of)
+        for _, first, _, count, _ in plan.launches:
+            rows = order[first : first + count]
+            dst = [self.buffers[i] for i in rows]
+            kernel = kernels.accumulate_for(leaves[rows[0]].dtype, accumulators[rows[0]])
+            self.launches.append((kernel, tuple(dst + [dst[0]] * (kernels.SLOTS - count))))
+        self.result_leaves = [DeviceLeaf(flat, self.kind) for flat in self.flats]
+        self.result_plan = Leaves(np.arange(len(self.flats)), self.result_leaves, False).plan()
+        self.result_meta = self.result_plan.device_meta(np.zeros(self.result_plan.rows, dtype=bool))
+        self.coefs = self.result_plan.to_device(np.full(self.result_plan.rows, float(coef)))
+        self.coef = coef
+
+    def _meta_for(self, plan):
+        """The device ``meta`` of a micro-batch: the window's unless its layout differs."""
+        if not np.array_equal(plan.meta_host, self.meta_host):
+            self.meta_host, self.meta = plan.meta_host, plan.device_meta(np.zeros(plan.rows, dtype=bool))
+            self.scratch = (self.meta, *self.scratch[1:])
+        return self.meta
+
+    def finite(self, plan):
+        """Whether every element of the micro-batch of ``plan`` is finite (synchronises)."""
+        self._meta_for(plan)
+        return float(_count(plan, "nonfinite_cuda", self.scratch)[0].copy_to_host()[0]) == 0
+
+    def add(self, plan, first):
+        """Accumulate the micro-batch of ``plan`` into the buffers (``first``: overwrite)."""
+        tpb = _kernels().THREADS_PER_BLOCK
+        meta = self._meta_for(plan)
+        for (kernel, dst), (_, first_row, views, count, blocks) in zip(self.launches, plan.launches):
+            kernel[(blocks, count), tpb, self.stream](dst, views, meta, first_row, bool(first))
+
+    def result(self, shapes, copy):
+        """The window's result, one array per position: views of the buffers (scaled in place
+        by the coefficient), or new arrays (``copy``)."""
+        plan = self.result_plan
+        if copy:
+            dst, flats = plan.dense_copies(self.result_leaves)
+            if self.coef == 1.0:  # a plain copy, bit for bit
+                for buffers, (_, _, views, count, _) in zip(dst, plan.launches):
+                    for j in range(count):
+                        buffers[j].copy_to_device(views[j], stream=self.stream)
+            else:
+                plan.launch("multiply_cuda_", self.result_meta, self.coefs, False, dst=dst)
+        else:
+            flats = self.flats
+            if self.coef != 1.0:
+                plan.launch("multiply_cuda_", self.result_meta, self.coefs, False)
+        return [
+            _dense_shaped(self.kind, flat, shape, order, flat.dtype)
+            for flat, shape, order in zip(flats, shapes, self.orders)
+        ]
+
+    def snapshot(self):
+        """The buffers as host NumPy arrays of the accumulator dtypes (synchronises)."""
+        return [buffer.copy_to_host().view(flat.dtype) for buffer, flat in zip(self.buffers, self.flats)]
+

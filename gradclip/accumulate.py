@@ -14,7 +14,7 @@ gets a transposed-looking result with every value at its own index.
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _table, _tree
+from . import _batch, _checks, _cpu, _cuda, _table, _tree
 from ._kernels import cpu as kernels
 
 _HALF = ("float16", "bfloat16")
@@ -61,6 +61,17 @@ class GradAccumulator:
     later micro-batch that differs raises ``ValueError`` and changes nothing. A
     leaf whose memory order differs from that first micro-batch's (e.g. transposed
     where it was not) is read through one temporary copy.
+
+    GPU grads (CuPy, Numba device arrays): the buffers live on the grads' device and
+    are filled by one fused kernel pass per micro-batch; nothing is allocated on the
+    device per micro-batch after the first, and a leaf in another memory order is
+    read in place (no copy). Results are device arrays of the grads' kind (CuPy in,
+    CuPy out; Numba in, Numba out). Only ``skip_nonfinite=True`` synchronises (the
+    finite check reads one count on the host). A window stays on its device: a
+    micro-batch on the other one, or one mixing CPU and GPU leaves, raises
+    ``ValueError``. `state_dict` copies the buffers to host NumPy arrays (this
+    synchronises); after `load_state_dict` the window goes to the device of the next
+    micro-batch, GPU or CPU.
 
     Examples
     --------
@@ -113,12 +124,15 @@ class GradAccumulator:
         Raises
         ------
         ValueError
-            Structure, a shape or a dtype differs from the window's; nothing changed.
+            Structure, a shape, a dtype or the device differs from the window's, or the
+            grads mix CPU and GPU leaves; nothing changed.
         TypeError
             A leaf that is not an array, an unsupported dtype, or complex grads with a
             real ``accumulator_dtype``.
         """
-        batch = _batch.collect(grads, "GradAccumulator.step")
+        batch = _batch.collect(grads, "GradAccumulator.step", cuda=True)
+        if batch.cuda:
+            return self._step_cuda(batch)
         identity = len(batch.arrays) == len(batch.unique_of)
         arrays = batch.arrays if identity else [batch.arrays[u] for u in batch.unique_of]
         layouts = _layouts(arrays)
@@ -126,21 +140,55 @@ class GradAccumulator:
         if window is None:
             window = _Buffers.plan(batch.treedef, arrays, self._accumulator_dtype)
         else:
-            window.check(batch.treedef, arrays, layouts)
+            window.check(batch.treedef, arrays, layouts, on_cuda=False)
         if self._skip_nonfinite and _cpu.count_nonfinite(batch):
             self._skipped += 1
             return None
-        if self._window is None:
+        if window.flats is None:
             window.allocate()
-            self._window = window
+        self._window = window
         window.add(batch, arrays, identity, layouts, first=self._current_step == 0)
+        if not self._advance():
+            return None
+        originals = [batch.originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
+        return window.result(self._coef(), self._copy_result, originals)
+
+    def _step_cuda(self, batch):
+        """`step` for GPU grads: the window's buffers live on the grads' device."""
+        if batch.cuda.mixed:
+            on_gpu = np.isin(batch.unique_of, batch.cuda.unique)
+            cpu, gpu = (_tree.path(batch.treedef, int(np.argmax(mask))) for mask in (~on_gpu, on_gpu))
+            raise _checks.mixed_devices("GradAccumulator.step", cpu, gpu)
+        leaves = _cuda.position_leaves(batch)
+        window = self._window
+        if window is None:
+            window = _Buffers.plan(batch.treedef, leaves, self._accumulator_dtype)
+        else:
+            window.check(batch.treedef, leaves, [(a.dtype, a.shape, a.strides) for a in leaves], on_cuda=True)
+        plan = _cuda.plan(leaves, window.orders)
+        device = window.device or _cuda.Accumulation(
+            leaves, plan, window.orders, window.accumulators, self._coef(), window.saved
+        )
+        if self._skip_nonfinite and not device.finite(plan):
+            self._skipped += 1
+            return None
+        window.device, window.saved = device, None
+        self._window = window
+        device.add(plan, first=self._current_step == 0)
+        if not self._advance():
+            return None
+        return _tree.unflatten(window.treedef, device.result(window.shapes, self._copy_result))
+
+    def _advance(self):
+        """Count an accepted micro-batch; whether it ends the window (then a new one starts)."""
         self._current_step += 1
         if self._current_step < self._accum_steps:
-            return None
+            return False
         self._current_step = 0
-        coef = 1.0 / self._accum_steps if self._average else 1.0
-        originals = [batch.originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
-        return window.result(coef, self._copy_result, originals)
+        return True
+
+    def _coef(self):
+        return 1.0 / self._accum_steps if self._average else 1.0
 
     def reset(self):
         """Drop the window: accumulated values, structure and buffers, and zero `skipped`."""
@@ -202,7 +250,9 @@ class _Buffers:
         self.layouts = None  # `_layouts` of the last micro-batch whose every leaf followed `orders`
         self.pinned = None  # and its dtype objects, whose addresses `layouts` holds
         self.sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
-        self.flats = self.views = self.address = self.batch = None
+        self.flats = self.views = self.address = self.batch = None  # on the CPU
+        self.device = None  # on the GPU: the `_cuda.Accumulation`
+        self.saved = None  # restored buffers (host), until a micro-batch places the window
 
     @classmethod
     def plan(cls, treedef, arrays, accumulator_dtype):
@@ -229,14 +279,22 @@ class _Buffers:
             _table.dense_view(flat, 0, shape, order) for flat, shape, order in zip(self.flats, self.shapes, self.orders)
         ]
         self.address = arena.ctypes.data + starts
+        if self.saved is not None:
+            for flat, saved in zip(self.flats, self.saved):
+                flat[...] = saved
+            self.saved = None
         positions = np.arange(len(self.flats))
         self.batch = _batch.Batch(self.treedef, self.flats, positions, _batch.tables(self.flats), self.flats)
 
-    def check(self, treedef, arrays, layouts):
-        """Raise (changing nothing) unless ``arrays`` fit the window."""
+    def check(self, treedef, arrays, layouts, on_cuda):
+        """Raise (changing nothing) unless ``arrays`` (on the GPU if ``on_cuda``) fit the window."""
         if treedef != self.treedef:
             where, expected, got = _tree.difference(self.treedef, treedef)
             raise _checks.accumulation_mismatch(where, "structure", expected, got)
+        placed = self.device is not None or self.flats is not None
+        if placed and on_cuda != (self.device is not None):
+            devices = ("CPU arrays", "CUDA arrays") if on_cuda else ("CUDA arrays", "CPU arrays")
+            raise _checks.accumulation_mismatch("grads", "device", *devices)
         if _same(layouts, self.layouts):  # the shapes and dtypes too
             return
         for what, mine in (("shape", self.shapes), ("dtype", self.dtypes)):
@@ -304,7 +362,9 @@ class _Buffers:
             "dtypes": list(self.dtypes),
             "orders": list(self.orders),
         }
-        return structure, [flat.copy() for flat in self.flats]
+        if self.device is not None:
+            return structure, self.device.snapshot()
+        return structure, [flat.copy() for flat in (self.saved if self.flats is None else self.flats)]
 
     @classmethod
     def restore(cls, structure, buffers, accumulator_dtype):
@@ -327,9 +387,7 @@ class _Buffers:
                 "GradAccumulator.load_state_dict: the saved buffers do not match the saved structure "
                 "and accumulator dtype; pass the dict returned by state_dict()"
             )
-        window.allocate()
-        for flat, saved in zip(window.flats, buffers):
-            flat[...] = np.asarray(saved).reshape(-1)
+        window.saved = [np.array(saved).reshape(-1) for saved in buffers]  # placed by the next micro-batch
         return window
 
 

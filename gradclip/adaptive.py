@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _dispatch
+from . import _batch, _checks, _cpu, _cuda, _dispatch
 from ._collective import Collective
 from .clip import _scale_to_max_norm_
 
@@ -92,15 +92,22 @@ class _NormClipper:
         TypeError, ValueError
             A leaf that is not an array, has an unsupported dtype or is read-only;
             raised before anything is written or any statistic changes.
+
+        Notes
+        -----
+        GPU leaves: the statistics live on the host, so the norm is read there, one
+        device-to-host synchronisation per step; the leaves are scaled on the device.
         """
         with Collective(type(self).__name__, reducer) as collective:
-            batch = _batch.collect(grads, type(self).__name__, writes=True)
-            norm = collective.total_norm(batch, 2.0, replicated)
+            batch = _batch.collect(grads, type(self).__name__, writes=True, cuda=True)
+            norm = collective.total_norm(batch, 2.0, replicated)  # on the host: GPU leaves synchronise
         if not math.isfinite(norm):
             return ClipStats(norm, math.nan, False, False)
         threshold = self._threshold_and_update(norm)
         clipped = norm > threshold
-        if clipped:
+        if clipped and batch.cuda:
+            _cuda.clip_grads_with_norm_(batch, threshold, norm, _EPS)
+        elif clipped:
             _scale_to_max_norm_(batch, threshold, norm, eps=_EPS)
         return ClipStats(norm, threshold, clipped, True)
 
@@ -464,7 +471,8 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
     Raises
     ------
     ValueError
-        ``grads`` and ``params`` differ in structure or in a leaf's shape, a bad
+        ``grads`` and ``params`` differ in structure or in a leaf's shape, a gradient
+        and its parameter are on different devices (CPU / GPU), a bad
         ``clipping`` / ``eps`` / ``axis``, or a read-only gradient; checked for every
         leaf before anything is written.
     TypeError
@@ -482,6 +490,10 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
     its rule, the units follow ``axis`` alone: a ``(1, n)`` kernel under ``axis=0`` has
     ``n`` units.
 
+    GPU leaves: every unit of every GPU leaf is one row of a single launch plan (a
+    pass is ``ceil(units / 32) + 1`` launches); the unit norms are read on the host,
+    one synchronisation per call, and the units scaled on the device.
+
     Examples
     --------
     >>> import numpy as np, gradclip
@@ -497,27 +509,37 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
     eps = _checks.nonnegative("eps", eps)
     requested_axes = _checks.axis(axis)
     grads, params = _reusable(grads), _reusable(params)
-    batch = _batch.collect(grads, "adaptive_grad_clip_", writes=True)
+    batch = _batch.collect(grads, "adaptive_grad_clip_", writes=True, cuda=True)
+    gpu = _cuda.position_leaves(batch) if batch.cuda else None  # None at the CPU positions
     work = {}  # unique gradient -> (gradient, parameter, unit axes); a repeat is clipped once
     for position, (keys, param) in enumerate(_pair_leaves(grads, params)):
         unique = int(batch.unique_of[position])
-        grad = batch.arrays[unique]
+        grad = gpu[position] if gpu and gpu[position] is not None else batch.arrays[unique]
+        grad_path = lambda keys=keys: _path("grads", keys)  # noqa: E731
         param_path = lambda keys=keys: _path("params", keys)  # noqa: E731
-        param = _dispatch.as_cpu_array(param, param_path)
-        _checks.check_dtype(param_path, param.dtype)
-        if param.shape != grad.shape:
-            raise _checks.shape_mismatch(
-                _path("grads", keys), grad.shape, _path("params", keys), param.shape
-            )
-        if grad.ndim <= 1:
-            unit_axes = tuple(range(grad.ndim))
-        elif requested_axes is None:
-            unit_axes = tuple(range(1, grad.ndim))
+        grad_on_gpu = isinstance(grad, _cuda.DeviceLeaf)
+        if _dispatch.on_cuda(param) != grad_on_gpu:
+            raise _checks.agc_devices(grad_path(), param_path(), grad_on_gpu)
+        if grad_on_gpu:
+            param = _dispatch.as_cuda_leaf(param, param_path)
+            _cuda.check(param, param_path, "adaptive_grad_clip_", False, False)
         else:
-            grad_path = lambda keys=keys: _path("grads", keys)  # noqa: E731
-            unit_axes = _checks.unit_axes(grad_path, requested_axes, grad.ndim)
+            param = _dispatch.as_cpu_array(param, param_path)
+            _checks.check_dtype(param_path, param.dtype)
+        if param.shape != grad.shape:
+            raise _checks.shape_mismatch(grad_path(), grad.shape, param_path(), param.shape)
+        ndim = len(grad.shape)
+        if ndim <= 1:
+            unit_axes = tuple(range(ndim))
+        elif requested_axes is None:
+            unit_axes = tuple(range(1, ndim))
+        else:
+            unit_axes = _checks.unit_axes(grad_path, requested_axes, ndim)
         work.setdefault(unique, (grad, param, unit_axes))
-    return sum(_clip_units_(*leaf, clipping, eps) for leaf in work.values())
+    on_gpu = [leaf for leaf in work.values() if isinstance(leaf[0], _cuda.DeviceLeaf)]
+    on_cpu = [leaf for leaf in work.values() if not isinstance(leaf[0], _cuda.DeviceLeaf)]
+    clipped = _clip_device_units_(on_gpu, clipping, eps) if on_gpu else 0
+    return clipped + sum(_clip_units_(*leaf, clipping, eps) for leaf in on_cpu)
 
 
 def _clip_units_(grad, param, unit_axes, clipping, eps):
@@ -525,13 +547,35 @@ def _clip_units_(grad, param, unit_axes, clipping, eps):
     grad_units = _batch.collect(_units(grad, unit_axes), "adaptive_grad_clip_", writes=True)
     grad_norms = _cpu.leaf_norms(grad_units, 2.0)
     param_norms = _cpu.leaf_norms(_batch.collect(_units(param, unit_axes), "adaptive_grad_clip_"), 2.0)
-    max_norms = clipping * np.maximum(param_norms, eps)
-    clip = np.isfinite(grad_norms) & np.isfinite(max_norms) & (grad_norms > max_norms)
-    if clip.any():
-        coef = np.ones_like(max_norms)
-        np.divide(max_norms, np.maximum(grad_norms, 1e-6), out=coef, where=clip)
+    clip, coef = _unit_coefs(grad_norms, param_norms, clipping, eps)
+    if coef is not None:
         _cpu.scale_(grad_units, coef)
     return int(np.count_nonzero(clip))
+
+
+def _clip_device_units_(work, clipping, eps):
+    """AGC on GPU leaves, ``(gradient, parameter, unit axes)`` each: every unit of every leaf
+    is a row of one plan (launches per pass: one per 32 units). The unit norms are read on
+    the host (this synchronises) and the coefficients taken there, as on the CPU."""
+    grad_units = [unit for grad, _, axes in work for unit in _cuda.units(grad, axes)]
+    if not grad_units:
+        return 0
+    param_units = [unit for _, param, axes in work for unit in _cuda.units(param, axes)]
+    clip, coef = _unit_coefs(_cuda.leaf_norms(grad_units, 2.0), _cuda.leaf_norms(param_units, 2.0), clipping, eps)
+    if coef is not None:
+        _cuda.multiply_(grad_units, coef)
+    return int(np.count_nonzero(clip))
+
+
+def _unit_coefs(grad_norms, param_norms, clipping, eps):
+    """Which units to clip, and every unit's coefficient (1 for the others; None if none clips)."""
+    max_norms = clipping * np.maximum(param_norms, eps)
+    clip = np.isfinite(grad_norms) & np.isfinite(max_norms) & (grad_norms > max_norms)
+    if not clip.any():
+        return clip, None
+    coef = np.ones_like(max_norms)
+    np.divide(max_norms, np.maximum(grad_norms, 1e-6), out=coef, where=clip)
+    return clip, coef
 
 
 def _units(array, unit_axes):

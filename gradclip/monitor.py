@@ -6,7 +6,7 @@ import statistics
 
 import numpy as np
 
-from . import _batch, _checks, _cpu
+from . import _batch, _checks, _cpu, _cuda
 
 
 class NormMonitor:
@@ -74,6 +74,8 @@ class NormMonitor:
             The gradients, read and never written; or a Python ``float`` / ``int``
             (``numpy.float64`` included): a norm computed elsewhere, e.g. returned by
             `clip_grad_norm_` or in `ClipStats.norm`. Such a step has no leaf norms.
+            GPU arrays are accepted: their norms are read on the host, one
+            device-to-host synchronisation per step.
             For gradients sharded across ranks, record the norm that
             ``clip_grad_norm_(..., reducer=...)`` returns.
         threshold : float, optional
@@ -95,8 +97,9 @@ class NormMonitor:
             norm = _checks.recorded_norm(grads)
             leaf_norms = None
         else:
-            batch = _batch.collect(grads, "NormMonitor.record")
-            unique_norms = _cpu.leaf_norms(batch, 2.0)  # one pass for both results
+            batch = _batch.collect(grads, "NormMonitor.record", cuda=True)
+            # one pass for both results; GPU leaves' norms are read on the host (synchronises)
+            unique_norms = _cuda.host_norms(batch, 2.0) if batch.cuda else _cpu.leaf_norms(batch, 2.0)
             norm = _cpu.total_norm(unique_norms, 2.0)
             leaf_norms = unique_norms[batch.unique_of] if self.per_leaf else None
         threshold = math.nan if threshold is None else _checks.recorded_threshold(threshold)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from . import _batch, _checks, _cpu
+from . import _batch, _checks, _cpu, _cuda
 from ._collective import Collective
 
 
@@ -54,6 +54,10 @@ def norm_penalty(grads, tau, lam, *, reducer=None, replicated=None):
     everywhere — skip the step. The direction is computed in float64 and rounded once
     to each leaf's dtype; a NumPy scalar leaf gives a NumPy scalar.
 
+    GPU leaves: ``‖g‖`` is read on the host (one device-to-host synchronisation) and
+    the direction is written on the device, as new arrays of the leaves' kind (CuPy in,
+    CuPy out; Numba in, Numba out).
+
     Examples
     --------
     >>> import numpy as np, gradclip
@@ -66,18 +70,19 @@ def norm_penalty(grads, tau, lam, *, reducer=None, replicated=None):
     with Collective("norm_penalty", reducer) as collective:
         tau = _checks.nonnegative("tau", tau)
         lam = _checks.nonnegative("lam", lam)
-        batch = _batch.collect(grads, "norm_penalty")
-        norm = collective.total_norm(batch, 2.0, replicated)
+        batch = _batch.collect(grads, "norm_penalty", cuda=True)
+        norm = collective.total_norm(batch, 2.0, replicated)  # on the host: GPU leaves synchronise
     direction = batch.copy()
     if not math.isfinite(norm):
-        value = math.nan
-        for array in direction.arrays:
-            array.fill(np.nan)
+        value, fill = math.nan, math.nan
     elif norm > tau:
-        value = lam * (norm - tau)
+        value, fill = lam * (norm - tau), None
         _cpu.scale_(direction, np.full(len(direction.arrays), lam / norm))
     else:
-        value = 0.0
+        value, fill = 0.0, 0.0
+    if fill is not None:
         for array in direction.arrays:
-            array.fill(0)
+            array.fill(fill)
+    if batch.cuda:
+        return value, _cuda.multiplied(batch, direction, lam / norm if fill is None else fill, fill is not None)
     return value, direction.rebuild()

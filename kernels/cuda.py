@@ -9,7 +9,8 @@ memory its leaf spans (its *extent*), plus a device table ``meta`` with one row
 per leaf of the call: the leaf's size, its number of blocks, whether it takes the
 peak pass (``SCALED``), and its walk — an
 offset into its extent and ``(length, step)`` pairs, innermost axis first, all in
-elements (steps are >= 0: negative strides are flipped, as on the CPU). Element
+elements (steps are >= 0: negative strides are flipped, as on the CPU; only a leaf
+walked in another leaf's order, for ``accumulate_cuda_``, has negative ones). Element
 ``k`` of the walk of leaf ``leaf`` is at ``_position(meta, leaf, k)`` of its view,
 so contiguous, transposed, stepped and reversed leaves are read and written in
 their own memory. Every view of a launch has the same type (1-d, contiguous,
@@ -35,6 +36,7 @@ codec, in `FLOAT`, `COMPLEX` and `BFLOAT16` (see `for_dtype`). No fastmath:
 NaN and inf must be seen.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -365,6 +367,70 @@ def _zero_nonfinite(widen, store, zeroed):
     return zero_nonfinite_cuda_
 
 
+def _multiply(widen, store, times):
+    @cuda.jit
+    def multiply_cuda_(views, meta, first, coefs, fill, dst, dense_dst):
+        """x <- round(x * coefs[leaf]) for any real coefficient, the CPU's ``scale_cpu_``
+        (``scale_cuda_`` is `clip_grad_norm_`'s, which decides on the device); with
+        ``fill``, every element <- round(coefs[leaf]) instead (NumPy's ``fill``).
+
+        In place, a leaf whose coefficient is 1 is not written. Out of place
+        (``dense_dst``), every element is written.
+        """
+        slot = cuda.blockIdx.y
+        leaf = first + slot
+        block = cuda.blockIdx.x
+        nblocks = meta[leaf, NBLOCKS]
+        coef = coefs[leaf]
+        if block >= nblocks or (coef == 1.0 and not (fill or dense_dst)):
+            return
+        src = views[slot]
+        out = dst[slot]
+        n = meta[leaf, SIZE]
+        k = block * cuda.blockDim.x + cuda.threadIdx.x
+        while k < n:
+            pos = _position(meta, leaf, k)
+            at = k if dense_dst else pos
+            if fill:
+                store(out, at, coef)
+            else:
+                store(out, at, times(widen(src[pos]), coef))
+            k += nblocks * cuda.blockDim.x
+
+    return multiply_cuda_
+
+
+def _accumulate(widen, widen_into, store_into):
+    @cuda.jit
+    def accumulate_cuda_(dst, views, meta, first_row, first):
+        """dst <- round(src) if ``first``, else dst <- round(dst + src), the sum in float64.
+
+        ``dst[slot]`` is the dense buffer of leaf ``first_row + slot``: element ``k`` of
+        the leaf's walk lands at ``k``. Complex values are added and rounded part by part.
+        The buffers' element type may differ from the leaves' (``widen_into`` /
+        ``store_into`` are its codec).
+        """
+        slot = cuda.blockIdx.y
+        leaf = first_row + slot
+        block = cuda.blockIdx.x
+        nblocks = meta[leaf, NBLOCKS]
+        if block >= nblocks:
+            return
+        src = views[slot]
+        out = dst[slot]
+        n = meta[leaf, SIZE]
+        k = block * cuda.blockDim.x + cuda.threadIdx.x
+        while k < n:
+            x = widen(src[_position(meta, leaf, k)])
+            if first:
+                store_into(out, k, x)
+            else:
+                store_into(out, k, widen_into(out[k]) + x)
+            k += nblocks * cuda.blockDim.x
+
+    return accumulate_cuda_
+
+
 @cuda.jit
 def finish_cuda(partials, meta, what, p, peaks, norms, total, positions, by_position):
     """Fold the partials of every leaf in block order; then the total, on one block.
@@ -430,6 +496,7 @@ class KernelSet:
     """The kernels of one codec, named as their CPU twins."""
 
     def __init__(self, widen, store, times, zeroed):
+        self.widen, self.store = widen, store
         self.sumsq_cuda = _reduction(widen, _sq, False)
         self.sumabs_cuda = _reduction(widen, _abs, False)
         self.sumpow_cuda = _reduction(widen, _pow_scaled, False)
@@ -438,6 +505,7 @@ class KernelSet:
         self.scale_cuda_ = _scale(widen, store, times)
         self.clamp_cuda_ = _clamp(widen, store)
         self.zero_nonfinite_cuda_ = _zero_nonfinite(widen, store, zeroed)
+        self.multiply_cuda_ = _multiply(widen, store, times)
 
 
 FLOAT = KernelSet(_widen_real, _store_native, _times_real, _zeroed_real)
@@ -450,3 +518,13 @@ def for_dtype(dtype):
     if dtype.name == "bfloat16":
         return BFLOAT16
     return COMPLEX if dtype.kind == "c" else FLOAT
+
+
+def accumulate_for(dtype, accumulator):
+    """``accumulate_cuda_`` from leaves of ``dtype`` into buffers of ``accumulator`` (NumPy dtypes)."""
+    return _accumulate_kernel(for_dtype(dtype), for_dtype(accumulator))
+
+
+@functools.cache
+def _accumulate_kernel(source, into):
+    return _accumulate(source.widen, into.widen, into.store)
