@@ -167,9 +167,9 @@ def immutable_kind(leaf):
 
 
 def like(original, array, owned=True):
-    """``array`` (a NumPy result) as a leaf of the caller's kind, given its input leaf ``original``.
+    """``array`` (a result) as a leaf of the caller's kind, given its input leaf ``original``.
 
-    torch in -> a CPU ``torch.Tensor`` sharing ``array``'s memory; JAX in -> a
+    torch in -> a ``torch.Tensor`` sharing ``array``'s memory (a CUDA one for a GPU result); JAX in -> a
     ``jax.Array`` on the original's devices; a NumPy scalar -> a NumPy scalar;
     anything else -> ``array`` itself. The dtype is ``array``'s (bfloat16 included).
     ``owned``: nothing else will write ``array``, so a JAX array may alias it;
@@ -181,6 +181,8 @@ def like(original, array, owned=True):
         return array[()]
     torch = _torch_of(original)
     if torch is not None:
+        if not isinstance(array, np.ndarray):  # a GPU result: a tensor over the same device memory
+            return torch.as_tensor(array, device=original.device)
         if array.dtype.name == "bfloat16":  # torch.from_numpy knows no ml_dtypes: the same bits as int16
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
