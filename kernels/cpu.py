@@ -257,22 +257,38 @@ def scale_cpu_(v, coef):
         v[i] = _narrow(_times(_widen(v[i]), coef), v)
 
 
+CLAMP_BLOCK = 256
+"""Elements `clamp_cpu_` checks before it decides to write."""
+
+
 @njit(cache=True)
 def clamp_cpu_(v, bound):
     """x <- min(max(x, -bound), bound); NaN stays NaN.
 
     The bound is rounded to the element type first; comparing with the rounded
-    bound selects the same elements as comparing with the exact one.
+    bound selects the same elements as comparing with the exact one. A block of
+    `CLAMP_BLOCK` elements with nothing to clamp is not written; a block with
+    something to clamp is rewritten whole, the other elements with their own bits:
+    unlike a store per clamped element, that store vectorises without masked stores.
     """
     hi = _narrow(bound, v)
     lo = _narrow(-bound, v)
     hi_value = _widen(hi)
+    for start in range(0, v.size, CLAMP_BLOCK):
+        block = v[start : start + CLAMP_BLOCK]
+        if _any_beyond(block, hi_value):
+            for i in range(block.size):
+                x = _widen(block[i])
+                block[i] = hi if x > hi_value else (lo if x < -hi_value else block[i])
+
+
+@njit
+def _any_beyond(v, bound):
+    beyond = False
     for i in range(v.size):
         x = _widen(v[i])
-        if x > hi_value:
-            v[i] = hi
-        elif x < -hi_value:
-            v[i] = lo
+        beyond |= (x > bound) | (x < -bound)
+    return beyond
 
 
 @njit(cache=True)

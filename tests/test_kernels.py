@@ -6,7 +6,7 @@ import pytest
 
 import gradclip as gc
 from gradclip._kernels import cpu as kernels
-from helpers import DTYPES, assert_same_bits, dtype_id, random_values
+from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
 from reference import BFLOAT16, round_to
 
 ALL_16_BIT_PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
@@ -81,3 +81,22 @@ def test_chunks_do_not_depend_on_the_row_order_of_other_leaves(rng):
     # each leaf's partial sums are folded in its own chunk order
     a, b = random_values(50_000, np.float32, rng), random_values((300, 200), np.float32, rng)[:, ::2]
     assert np.array_equal(gc.layer_norms([a, b]), gc.layer_norms([b, a])[::-1])
+
+
+@pytest.mark.parametrize("dtype", REAL_DTYPES, ids=dtype_id)
+def test_clamp_blocks_keep_every_other_bit(dtype):
+    """clamp_cpu_ rewrites a block that holds something to clamp whole: the elements it
+    does not clamp (NaN with a payload, -0.0, values in range) keep their bits, at and
+    across block boundaries; blocks with nothing to clamp come out as they were."""
+    block = kernels.CLAMP_BLOCK
+    values = np.linspace(-0.9, 0.9, 3 * block + 5).astype(dtype)
+    bits = values.view(f"u{values.itemsize}")
+    bits[block + 3] = np.array([np.nan], dtype).view(bits.dtype)[0] | 1  # a NaN with a payload
+    values[block + 4] = -0.0
+    for i, x in ((block - 1, 5.0), (block, -5.0), (3 * block + 4, 7.0)):  # both sides of a boundary, the tail
+        values[i] = x
+    expected = values.copy()
+    expected[[block - 1, 3 * block + 4]] = 1.0
+    expected[block] = -1.0
+    gc.clip_grad_value_(values, 1.0)
+    assert_same_bits(values, expected, nan_payload=True)
