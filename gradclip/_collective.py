@@ -2,8 +2,8 @@
 
 Each rank folds its own leaves into one local norm. One all-reduce (a sum) of a small
 float64 vector brings every rank the same values: a slot per rank for its local norm,
-a slot per rank for a "failed" flag, and one slot for the norm of the replicated
-leaves, which rank 0 alone fills. A sum with one non-zero term is exact, so this
+one slot for the norm of the replicated leaves, which rank 0 alone fills, and a slot
+per rank for a "failed" flag. A sum with one non-zero term is exact, so this
 all-reduce is an all-gather; every rank then folds the same vector the same way, so
 all ranks hold bit-identical totals and take the same decision, and the fold rescales
 as the single-process one does (no spurious overflow). NaN and inf travel as they are.
@@ -65,19 +65,18 @@ class Collective:
         reducer = self._reducer
         self._joined = True
         rank, world = int(reducer.rank), int(reducer.world_size)
-        values = np.zeros(2 * world + 1)
+        values = np.zeros(2 * world + 1)  # the ranks' norms, the replicated norm, the ranks' flags
         values[rank] = local
-        values[world + rank] = failed
         if rank == 0:
-            values[2 * world] = replicated
+            values[world] = replicated
+        values[world + 1 + rank] = failed
         reduced = np.asarray(reducer.all_reduce(values), dtype=np.float64)
         if reduced.shape != values.shape:
             raise _checks.reduced_shape(reducer, values.shape, reduced.shape)
-        failed_ranks = np.flatnonzero(reduced[world : 2 * world])
-        if failed_ranks.size and not failed:
-            raise _checks.remote_failure(self._function, failed_ranks.tolist(), rank)
-        norms = np.append(reduced[:world], reduced[2 * world])
-        return _cpu.total_norm(norms, p)
+        flags = reduced[world + 1 :]
+        if not failed and flags.any():
+            raise _checks.remote_failure(self._function, np.flatnonzero(flags).tolist(), rank)
+        return _cpu.total_norm(reduced[: world + 1], p)
 
 
 def _replicated_mask(batch, replicated):
