@@ -562,8 +562,7 @@ def array_headers(objects):
     """
     if not _header_layout_confirmed():
         return None
-    addresses = np.fromiter(map(id, objects), dtype=np.int64, count=len(objects))
-    ok, *headers = _read_array_headers(addresses, id(np.ndarray))
+    ok, *headers = _read_array_headers(_addresses(objects), id(np.ndarray))
     return headers if ok else None
 
 
@@ -671,9 +670,24 @@ def array_layouts(arrays):
     """
     if not _header_layout_confirmed():
         return None
-    addresses = np.fromiter(map(id, arrays), dtype=np.int64, count=len(arrays))
-    ok, layouts = _read_layouts(addresses, id(np.ndarray))
+    ok, layouts = _read_layouts(_addresses(arrays), id(np.ndarray))
     return layouts if ok else None
+
+
+def _addresses(objects):
+    """``id()`` of every object, as int64: an object array of them holds exactly those
+    pointers, and NumPy fills it in C (a fifth of the time of ``map(id, ...)``)."""
+    holder = np.fromiter(objects, dtype=object, count=len(objects))
+    return _pointers(holder.ctypes.data, holder.size)
+
+
+@njit(cache=True)
+def _pointers(base, n):
+    """The ``n`` pointers stored from address ``base`` on."""
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = _load_int64(base + 8 * i)
+    return out
 
 
 @functools.cache

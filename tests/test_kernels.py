@@ -100,3 +100,12 @@ def test_clamp_blocks_keep_every_other_bit(dtype):
     expected[block] = -1.0
     gc.clip_grad_value_(values, 1.0)
     assert_same_bits(values, expected, nan_payload=True)
+
+
+def test_object_addresses_are_their_ids():
+    """The header readers take every object's address from an object array of them."""
+    a = np.ones(3)
+    objects = [a, [a, a], (1, 2), {"x": a}, None, 3.0, np.float32(2), a[::2]]
+    assert kernels._addresses(objects).tolist() == [id(x) for x in objects]
+    assert kernels._addresses(tuple(objects[:2])).tolist() == [id(a), id(objects[1])]
+    assert kernels._addresses([]).size == 0
