@@ -25,3 +25,20 @@ settings.load_profile("gradclip")
 def rng(request):
     """A generator seeded from the test's id: reproducible, different per test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Kernel launches, counted where the CUDA simulator runs them (GPU tests only)."""
+    from numba.cuda.simulator import kernel as sim_kernel
+
+    counted = []
+    call = sim_kernel.FakeCUDAKernel.__call__
+
+    def counting(self, *args):
+        if not self._device and sim_kernel._get_kernel_context() is None:
+            counted.append(self.fn.__name__)
+        return call(self, *args)
+
+    monkeypatch.setattr(sim_kernel.FakeCUDAKernel, "__call__", counting)
+    return counted

@@ -36,7 +36,6 @@ from reference import (
 )
 
 cuda = pytest.importorskip("numba.cuda")  # installed by the test extra: never skipped in CI
-from numba.cuda.simulator import kernel as sim_kernel  # noqa: E402
 from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray  # noqa: E402
 
 from gradclip._kernels import cuda as kernels  # noqa: E402
@@ -106,21 +105,6 @@ class ForeignArray:
             "data": (ary.ctypes.data, readonly),
             "version": 3,
         }
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Kernel launches, counted where the simulator runs them."""
-    counted = []
-    call = sim_kernel.FakeCUDAKernel.__call__
-
-    def counting(self, *args):
-        if not self._device and sim_kernel._get_kernel_context() is None:
-            counted.append(self.fn.__name__)
-        return call(self, *args)
-
-    monkeypatch.setattr(sim_kernel.FakeCUDAKernel, "__call__", counting)
-    return counted
 
 
 # ---------------------------------------------------------------- import and dispatch
