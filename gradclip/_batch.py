@@ -146,7 +146,7 @@ def _collect_plain(leaves, treedef, writes, real_only):
     if not flags_ok:
         return None
     if one_dtype:
-        groups = [(leaves[0].dtype, np.arange(len(leaves)) if none_empty else np.flatnonzero(size))]
+        groups = [(leaves[0].dtype, None if none_empty else np.flatnonzero(size))]
     else:
         groups = [
             (leaves[int(np.argmax(descr == address))].dtype, np.flatnonzero((descr == address) & (size > 0)))
@@ -156,7 +156,11 @@ def _collect_plain(leaves, treedef, writes, real_only):
     for dtype, rows in groups:
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
             return None
-        tables.append(_table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, _table.witness(dtype)))
+        if rows is None:  # every leaf: the header columns as they are
+            table_columns = data, size, np.ones(size.size, np.int64), np.arange(size.size)
+        else:
+            table_columns = data[rows], size[rows], np.ones(rows.size, np.int64), rows
+        tables.append(_table.Table(*table_columns, _table.witness(dtype)))
     leaves = list(leaves)  # the caller's list may change after we return
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 

@@ -37,9 +37,9 @@ def leaf_norms(batch, p):
         return _scaled_norms(batch, p, np.ones(n, dtype=bool))
     sums = np.zeros(n)
     _run(kernels.SUMSQ if p == 2.0 else kernels.SUMABS, batch, sums)
-    norms = np.sqrt(sums) if p == 2.0 else sums
-    suspect = ~(sums >= _TINY) | (sums == math.inf)
-    if suspect.any():
+    norms, any_suspect = kernels.norms_from_sums(sums, p, _TINY)
+    if any_suspect:
+        suspect = ~(sums >= _TINY) | (sums == math.inf)
         suspect &= _float64_based(batch) | ~np.isfinite(sums)  # narrower types cannot underflow
         if suspect.any():
             norms[suspect] = _scaled_norms(batch, p, suspect)[suspect]
@@ -71,14 +71,7 @@ def _scaled_norms(batch, p, leaf_mask):
 
 def total_norm(norms, p):
     """The p-norm of a vector of leaf norms, as a float (NaN wins over inf)."""
-    if norms.size == 0:
-        return 0.0
-    peak = float(norms.max())  # NaN if any norm is NaN
-    if math.isnan(peak):
-        return math.nan
-    if p == math.inf or peak in (0.0, math.inf):
-        return peak
-    return peak * float(np.sum((norms / peak) ** p)) ** (1.0 / p)
+    return float(kernels.fold_norms(norms, float(p)))
 
 
 def scale_(batch, coef):

@@ -307,24 +307,30 @@ def zero_nonfinite_cpu_(v):
 
 
 @njit(cache=True)
-def _chunk_starts(count):
-    """First chunk index of every row; the last entry is the number of chunks."""
-    first = np.empty(count.size + 1, np.int64)
-    first[0] = 0
+def _chunks(count):
+    """Row and first element of every chunk, chunks in row order."""
+    n = 0
     for r in range(count.size):
-        first[r + 1] = first[r] + (count[r] + CHUNK - 1) // CHUNK
-    return first
+        n += (count[r] + CHUNK - 1) // CHUNK
+    row = np.empty(n, np.int64)
+    lo = np.empty(n, np.int64)
+    k = 0
+    for r in range(count.size):
+        for start in range(0, count[r], CHUNK):
+            row[k] = r
+            lo[k] = start
+            k += 1
+    return row, lo
 
 
-@njit
-def _chunk_row(k, first, count):
+@njit(inline="always")
+def _chunk_row(k, row, lo, count):
     """Row, first element and length of chunk ``k``."""
-    r = np.searchsorted(first, k, side="right") - 1
-    lo = (k - first[r]) * CHUNK
-    return r, lo, min(CHUNK, count[r] - lo)
+    r = row[k]
+    return r, lo[k], min(CHUNK, count[r] - lo[k])
 
 
-@njit
+@njit(inline="always")
 def _reduce_chunk(op, v, p, scale):
     if op == SUMSQ:
         return sumsq_cpu(v)
@@ -337,10 +343,10 @@ def _reduce_chunk(op, v, p, scale):
     return np.float64(nonfinite_cpu(v))
 
 
-@njit
-def _reduce_at(op, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness):
-    r, lo, n = _chunk_row(k, first, count)
-    start = addr[r] + lo * step[r] * witness.itemsize
+@njit(inline="always")
+def _reduce_at(op, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness):
+    r, offset, n = _chunk_row(k, row, lo, count)
+    start = addr[r] + offset * step[r] * witness.itemsize
     scale = leaf_arg[seg_leaf[r]] if op == SUMPOW else 1.0
     if step[r] == 1:
         v = numba.carray(_voidptr(start), (n,), witness.dtype)
@@ -353,7 +359,7 @@ def _update_chunk(op, v, coef, bound):
     """Run update ``op`` on one chunk; returns the elements it changed (zeroing only)."""
 
 
-@overload(_update_chunk)
+@overload(_update_chunk, inline="always")
 def _update_chunk_impl(op, v, coef, bound):
     if isinstance(v.dtype, types.Complex):  # no order: CLAMP is rejected before any kernel runs
 
@@ -377,10 +383,10 @@ def _update_chunk_impl(op, v, coef, bound):
     return impl
 
 
-@njit
-def _update_at(op, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness):
-    r, lo, n = _chunk_row(k, first, count)
-    start = addr[r] + lo * step[r] * witness.itemsize
+@njit(inline="always")
+def _update_at(op, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness):
+    r, offset, n = _chunk_row(k, row, lo, count)
+    start = addr[r] + offset * step[r] * witness.itemsize
     coef = leaf_arg[seg_leaf[r]] if op == SCALE else 1.0
     if step[r] == 1:
         v = numba.carray(_voidptr(start), (n,), witness.dtype)
@@ -390,99 +396,100 @@ def _update_at(op, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witne
 
 
 @njit(cache=True)
-def _fold(op, part, first, seg_leaf, out):
+def _fold(op, part, row, seg_leaf, out):
     """Combine chunk partials into ``out[leaf]``, serially and in chunk order."""
-    for r in range(seg_leaf.size):
-        leaf = seg_leaf[r]
-        for k in range(first[r], first[r + 1]):
-            if op == MAXABS:
-                if part[k] != part[k] or out[leaf] != out[leaf]:
-                    out[leaf] = np.nan
-                elif part[k] > out[leaf]:
-                    out[leaf] = part[k]
-            else:
-                out[leaf] += part[k]
+    for k in range(part.size):
+        leaf = seg_leaf[row[k]]
+        if op == MAXABS:
+            if part[k] != part[k] or out[leaf] != out[leaf]:
+                out[leaf] = np.nan
+            elif part[k] > out[leaf]:
+                out[leaf] = part[k]
+        else:
+            out[leaf] += part[k]
 
 
 # The drivers branch on ``op`` outside their chunk loops, every loop passing its op as a
 # constant and its arguments one by one: with the op chosen per chunk at run time, or the
 # arguments packed in a tuple, the kernels were not vectorised (9.4 instead of 16.8 GB/s
-# on one core for float32 sums of squares).
+# on one core for float32 sums of squares). The per-chunk helpers are inlined where Numba
+# compiles them (``inline="always"``), so the constant op prunes their other branches:
+# called as functions they cost ~35 ns per chunk, doubling the time of small leaves.
 
 
 @njit(cache=True)
 def _reduce_serial(op, addr, count, step, seg_leaf, p, leaf_arg, out, witness):
-    first = _chunk_starts(count)
-    part = np.empty(first[-1])
+    row, lo = _chunks(count)
+    part = np.empty(row.size)
     if op == SUMSQ:
-        for k in range(first[-1]):
-            part[k] = _reduce_at(SUMSQ, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in range(row.size):
+            part[k] = _reduce_at(SUMSQ, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     elif op == SUMABS:
-        for k in range(first[-1]):
-            part[k] = _reduce_at(SUMABS, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in range(row.size):
+            part[k] = _reduce_at(SUMABS, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     elif op == SUMPOW:
-        for k in range(first[-1]):
-            part[k] = _reduce_at(SUMPOW, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in range(row.size):
+            part[k] = _reduce_at(SUMPOW, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     elif op == MAXABS:
-        for k in range(first[-1]):
-            part[k] = _reduce_at(MAXABS, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in range(row.size):
+            part[k] = _reduce_at(MAXABS, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     else:
-        for k in range(first[-1]):
-            part[k] = _reduce_at(NONFINITE, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
-    _fold(op, part, first, seg_leaf, out)
+        for k in range(row.size):
+            part[k] = _reduce_at(NONFINITE, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
+    _fold(op, part, row, seg_leaf, out)
 
 
 @njit(cache=True, parallel=True)
 def _reduce_parallel(op, addr, count, step, seg_leaf, p, leaf_arg, out, witness):
-    first = _chunk_starts(count)
-    part = np.empty(first[-1])
+    row, lo = _chunks(count)
+    part = np.empty(row.size)
     if op == SUMSQ:
-        for k in prange(first[-1]):
-            part[k] = _reduce_at(SUMSQ, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in prange(row.size):
+            part[k] = _reduce_at(SUMSQ, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     elif op == SUMABS:
-        for k in prange(first[-1]):
-            part[k] = _reduce_at(SUMABS, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in prange(row.size):
+            part[k] = _reduce_at(SUMABS, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     elif op == SUMPOW:
-        for k in prange(first[-1]):
-            part[k] = _reduce_at(SUMPOW, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in prange(row.size):
+            part[k] = _reduce_at(SUMPOW, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     elif op == MAXABS:
-        for k in prange(first[-1]):
-            part[k] = _reduce_at(MAXABS, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
+        for k in prange(row.size):
+            part[k] = _reduce_at(MAXABS, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
     else:
-        for k in prange(first[-1]):
-            part[k] = _reduce_at(NONFINITE, k, first, addr, count, step, seg_leaf, p, leaf_arg, witness)
-    _fold(op, part, first, seg_leaf, out)
+        for k in prange(row.size):
+            part[k] = _reduce_at(NONFINITE, k, row, lo, addr, count, step, seg_leaf, p, leaf_arg, witness)
+    _fold(op, part, row, seg_leaf, out)
 
 
 @njit(cache=True)
 def _update_serial(op, addr, count, step, seg_leaf, leaf_arg, bound, witness):
-    first = _chunk_starts(count)
+    row, lo = _chunks(count)
     changed = 0
     if op == SCALE:
-        for k in range(first[-1]):
-            _update_at(SCALE, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+        for k in range(row.size):
+            _update_at(SCALE, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness)
     elif op == CLAMP:
-        for k in range(first[-1]):
-            _update_at(CLAMP, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+        for k in range(row.size):
+            _update_at(CLAMP, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness)
     else:
-        for k in range(first[-1]):
-            changed += _update_at(ZERO_NONFINITE, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+        for k in range(row.size):
+            changed += _update_at(ZERO_NONFINITE, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness)
     return changed
 
 
 @njit(cache=True, parallel=True)
 def _update_parallel(op, addr, count, step, seg_leaf, leaf_arg, bound, witness):
-    first = _chunk_starts(count)
-    changed = np.zeros(first[-1], np.int64)
+    row, lo = _chunks(count)
+    changed = np.zeros(row.size, np.int64)
     if op == SCALE:
-        for k in prange(first[-1]):
-            _update_at(SCALE, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+        for k in prange(row.size):
+            _update_at(SCALE, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness)
     elif op == CLAMP:
-        for k in prange(first[-1]):
-            _update_at(CLAMP, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+        for k in prange(row.size):
+            _update_at(CLAMP, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness)
     else:
-        for k in prange(first[-1]):
-            changed[k] = _update_at(ZERO_NONFINITE, k, first, addr, count, step, seg_leaf, leaf_arg, bound, witness)
+        for k in prange(row.size):
+            changed[k] = _update_at(ZERO_NONFINITE, k, row, lo, addr, count, step, seg_leaf, leaf_arg, bound, witness)
     return changed.sum()
 
 
@@ -510,6 +517,49 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
     return int(driver(op, table.addr, table.count, table.step, table.seg_leaf, leaf_arg, float(bound), table.witness))
 
 
+# ------------------------------------------------------------ leaf norms
+
+
+@njit(cache=True)
+def norms_from_sums(sums, p, tiny):
+    """``sums ** (1 / p)`` for p = 1 or 2, and whether any sum is suspect: below ``tiny``
+    (float64 elements may have underflowed), infinite or NaN."""
+    norms = np.sqrt(sums) if p == 2.0 else sums.copy()
+    suspect = False
+    for s in sums:
+        suspect |= not (tiny <= s < np.inf)
+    return norms, suspect
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _sum_of_powers(norms, peak, p):
+    s = 0.0
+    if p == 2.0:
+        for x in norms:
+            s += (x / peak) * (x / peak)
+    elif p == 1.0:
+        for x in norms:
+            s += x / peak
+    else:
+        for x in norms:
+            s += (x / peak) ** p
+    return s
+
+
+@njit(cache=True)
+def fold_norms(norms, p):
+    """The p-norm of a vector of leaf norms (>= 0): NaN if any is NaN, else inf if any is
+    inf; otherwise computed scaled by the largest, so it overflows only if the result does."""
+    peak = 0.0
+    for x in norms:
+        if x != x:
+            return np.nan
+        peak = max(peak, x)
+    if p == np.inf or peak == 0.0 or peak == np.inf:
+        return peak
+    return peak * _sum_of_powers(norms, peak, p) ** (1.0 / p)
+
+
 # NumPy's array object, ``PyArrayObject_fields``: after the object header (reference
 # count, type) come data (char *), nd (int), dimensions (npy_intp *), strides, base,
 # descr and flags (int).
@@ -526,6 +576,26 @@ def _load_int32(address):
     return numba.carray(_voidptr(address), (1,), np.int32)[0]
 
 
+@njit
+def _distinct(addresses):
+    """Whether no address appears twice: an open-addressing hash set (sorting took
+    30 ns per address, this a few)."""
+    bits = 1
+    while (1 << bits) < 2 * addresses.size:
+        bits += 1
+    slots = np.zeros(1 << bits, np.int64)  # 0 marks a free slot: no object lives at address 0
+    mask = (1 << bits) - 1
+    for address in addresses:
+        # Fibonacci hashing: the top bits of the product spread addresses of any alignment
+        h = np.int64((np.uint64(address) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits))
+        while slots[h] != 0:
+            if slots[h] == address:
+                return False
+            h = (h + 1) & mask
+        slots[h] = address
+    return True
+
+
 @njit(cache=True)
 def _read_array_headers(object_addresses, ndarray_type):
     n = object_addresses.size
@@ -533,10 +603,8 @@ def _read_array_headers(object_addresses, ndarray_type):
     size = np.empty(n, np.int64)
     descr = np.empty(n, np.int64)
     flags = np.empty(n, np.int64)
-    ordered = np.sort(object_addresses)
-    for i in range(1, n):
-        if ordered[i] == ordered[i - 1]:  # the same object twice
-            return False, data, size, descr, flags
+    if not _distinct(object_addresses):  # the same object twice
+        return False, data, size, descr, flags
     for i in range(n):
         obj = object_addresses[i]
         if _load_int64(obj + _TYPE) != ndarray_type:  # checked before reading further
@@ -601,11 +669,11 @@ def accumulate_cpu_(dst, src, first):
             dst[i] = _narrow(_widen(dst[i]) + _widen(src[i]), dst)
 
 
-@njit
-def _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_witness):
-    r, lo, n = _chunk_row(k, starts, count)
-    dst = numba.carray(_voidptr(dst_addr[r] + lo * dst_witness.itemsize), (n,), dst_witness.dtype)
-    start = addr[r] + lo * step[r] * witness.itemsize
+@njit(inline="always")
+def _accumulate_at(k, row, lo, addr, count, step, dst_addr, first, witness, dst_witness):
+    r, offset, n = _chunk_row(k, row, lo, count)
+    dst = numba.carray(_voidptr(dst_addr[r] + offset * dst_witness.itemsize), (n,), dst_witness.dtype)
+    start = addr[r] + offset * step[r] * witness.itemsize
     if step[r] == 1:
         accumulate_cpu_(dst, numba.carray(_voidptr(start), (n,), witness.dtype), first)
     else:
@@ -615,16 +683,16 @@ def _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_w
 
 @njit(cache=True)
 def _accumulate_serial(addr, count, step, dst_addr, first, witness, dst_witness):
-    starts = _chunk_starts(count)
-    for k in range(starts[-1]):
-        _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_witness)
+    row, lo = _chunks(count)
+    for k in range(row.size):
+        _accumulate_at(k, row, lo, addr, count, step, dst_addr, first, witness, dst_witness)
 
 
 @njit(cache=True, parallel=True)
 def _accumulate_parallel(addr, count, step, dst_addr, first, witness, dst_witness):
-    starts = _chunk_starts(count)
-    for k in prange(starts[-1]):
-        _accumulate_at(k, starts, addr, count, step, dst_addr, first, witness, dst_witness)
+    row, lo = _chunks(count)
+    for k in prange(row.size):
+        _accumulate_at(k, row, lo, addr, count, step, dst_addr, first, witness, dst_witness)
 
 
 def accumulate_table(table, dst_addr, dst_witness, first):
@@ -675,10 +743,27 @@ def array_layouts(arrays):
 
 
 def _addresses(objects):
-    """``id()`` of every object, as int64: an object array of them holds exactly those
-    pointers, and NumPy fills it in C (a fifth of the time of ``map(id, ...)``)."""
+    """``id()`` of every object, as int64.
+
+    A list's own item pointers are read where the list keeps them (a few ns per item);
+    otherwise an object array of the items holds exactly those pointers, and NumPy
+    fills it in C (a fifth of the time of ``map(id, ...)``, still ~15 ns per item).
+    """
+    if type(objects) is list and _list_layout_confirmed():
+        return _list_items(id(objects))
     holder = np.fromiter(objects, dtype=object, count=len(objects))
     return _pointers(holder.ctypes.data, holder.size)
+
+
+# CPython's list object, ``PyListObject``: after the object header comes ob_size, then
+# ob_item, the address of the item pointers.
+_LIST_SIZE, _LIST_ITEMS = 16, 24
+
+
+@njit(cache=True)
+def _list_items(address):
+    """The item pointers of the list object at ``address``."""
+    return _pointers(_load_int64(address + _LIST_ITEMS), _load_int64(address + _LIST_SIZE))
 
 
 @njit(cache=True)
@@ -688,6 +773,14 @@ def _pointers(base, n):
     for i in range(n):
         out[i] = _load_int64(base + 8 * i)
     return out
+
+
+@functools.cache
+def _list_layout_confirmed():
+    """Whether list objects keep their size and items where `_list_items` reads them."""
+    probe = [object() for _ in range(5)]
+    probe.pop()  # the item array now has room to spare: the size must come from ob_size
+    return _list_items(id(probe)).tolist() == [id(item) for item in probe] and _list_items(id([])).size == 0
 
 
 @functools.cache

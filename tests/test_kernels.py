@@ -1,6 +1,8 @@
 """The CPU kernel layer itself: half-precision codecs over every bit pattern, rounding
 against the references, and the serial and parallel drivers agreeing bit for bit."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -103,9 +105,46 @@ def test_clamp_blocks_keep_every_other_bit(dtype):
 
 
 def test_object_addresses_are_their_ids():
-    """The header readers take every object's address from an object array of them."""
+    """The header readers take every object's address from a list's own item pointers,
+    or from an object array of them; a list that grew, shrank or was emptied is read as
+    it is now."""
     a = np.ones(3)
     objects = [a, [a, a], (1, 2), {"x": a}, None, 3.0, np.float32(2), a[::2]]
+    assert kernels._list_layout_confirmed()
     assert kernels._addresses(objects).tolist() == [id(x) for x in objects]
     assert kernels._addresses(tuple(objects[:2])).tolist() == [id(a), id(objects[1])]
-    assert kernels._addresses([]).size == 0
+    for change in (lambda: objects.extend([np.zeros(2)] * 100), lambda: objects.pop(0), objects.clear):
+        change()
+        assert kernels._addresses(objects).tolist() == [id(x) for x in objects]
+    assert kernels._addresses(objects).size == 0 and kernels._addresses([]).size == 0
+
+
+def test_distinct_addresses_are_told_from_repeats(rng):
+    """The duplicate check (a hash set) on address patterns that collide under plain
+    masking: one stride of a large power of two, runs of neighbours, random ones."""
+    patterns = [
+        np.arange(1, 5001, dtype=np.int64) << 30,
+        (1 << 40) + 16 * np.arange(20_000, dtype=np.int64),
+        rng.integers(1, 1 << 47, 50_000),
+        np.array([8], dtype=np.int64),
+        np.zeros(0, dtype=np.int64),
+    ]
+    for addresses in patterns:
+        assert kernels._distinct(addresses) == (np.unique(addresses).size == addresses.size)
+        if addresses.size > 1:
+            for i, j in ((0, addresses.size - 1), (addresses.size // 2, addresses.size // 3)):
+                repeated = addresses.copy()
+                repeated[i] = repeated[j]
+                assert not kernels._distinct(repeated)
+
+
+def test_many_leaves_with_one_repeat_far_apart_count_once(rng):
+    """A repeat among thousands of leaves is found: counted once, scaled once."""
+    leaves = [random_values(8, np.float64, rng) for _ in range(3000)]
+    expected = math.sqrt(math.fsum(float(x) ** 2 for leaf in leaves for x in leaf))
+    assert gc.grad_norm([*leaves, leaves[17]]) == pytest.approx(expected, rel=1e-14)
+    once = [leaf.copy() for leaf in leaves]
+    repeated = [leaf.copy() for leaf in leaves]
+    assert gc.clip_grad_norm_(once, 1.0) == gc.clip_grad_norm_([*repeated, repeated[17]], 1.0)
+    for a, b in zip(repeated, once):
+        assert_same_bits(a, b)
