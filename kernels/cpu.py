@@ -170,6 +170,18 @@ def _narrow_impl(y, like):
     return None
 
 
+def _ordered(x):
+    """An element as a value that compares as the element does: float32 and float64 as
+    they are (comparing in float64 would halve the vector width), codes widened."""
+
+
+@overload(_ordered)
+def _ordered_impl(x):
+    if isinstance(x, types.Float):
+        return lambda x: x
+    return lambda x: _widen(x)
+
+
 def _finite_or_zero(x):
     """``x`` with every non-finite part replaced by 0."""
 
@@ -273,12 +285,12 @@ def clamp_cpu_(v, bound):
     """
     hi = _narrow(bound, v)
     lo = _narrow(-bound, v)
-    hi_value = _widen(hi)
+    hi_value = _ordered(hi)
     for start in range(0, v.size, CLAMP_BLOCK):
         block = v[start : start + CLAMP_BLOCK]
         if _any_beyond(block, hi_value):
             for i in range(block.size):
-                x = _widen(block[i])
+                x = _ordered(block[i])
                 block[i] = hi if x > hi_value else (lo if x < -hi_value else block[i])
 
 
@@ -286,7 +298,7 @@ def clamp_cpu_(v, bound):
 def _any_beyond(v, bound):
     beyond = False
     for i in range(v.size):
-        x = _widen(v[i])
+        x = _ordered(v[i])
         beyond |= (x > bound) | (x < -bound)
     return beyond
 
