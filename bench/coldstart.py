@@ -4,7 +4,11 @@
 - the first ``clip_grad_norm_`` call on the tiny workload with a warm on-disk
   Numba cache (one unmeasured run fills the cache first);
 - the same first call with a cold cache: ``NUMBA_CACHE_DIR`` points at a new,
-  empty directory, so every kernel it needs is compiled.
+  empty directory, so every kernel it needs is compiled;
+- what Numba alone costs, the floor under the first two: ``import numpy, numba``,
+  and the first call of a one-loop ``@njit(cache=True)`` function (the probe's
+  block sum) with a warm cache — Numba sets up its typing and target registries on
+  the first call of any compiled function in a process.
 """
 
 import os
@@ -33,6 +37,24 @@ gradclip.clip_grad_norm_(grads, max_norm=1.0)  # the norm is ~32: this clips
 print(time.perf_counter() - start)
 """
 
+NUMBA_IMPORT_TIME = """
+import time
+start = time.perf_counter()
+import numpy, numba
+print(time.perf_counter() - start)
+"""
+
+NUMBA_FIRST_CALL_TIME = f"""
+import sys, time
+sys.path.insert(0, {BENCH_DIR!r})
+import numpy as np
+import probe
+ones = np.ones(10, np.float32)
+start = time.perf_counter()
+probe.block_sum_of_squares(ones)
+print(time.perf_counter() - start)
+"""
+
 
 def _seconds_in_fresh_interpreter(code, cache_dir=None):
     env = dict(os.environ)
@@ -50,8 +72,12 @@ def _figure(samples):
 
 
 def measure_cold_start(runs, compile_runs):
-    """``{"import", "first_call_warm_cache", "first_call_cold_cache"}``, each median/min/samples."""
+    """``{"import", "first_call_warm_cache", "first_call_cold_cache", "numba_import",
+    "numba_first_call"}``, each median/min/samples."""
     imports = [_seconds_in_fresh_interpreter(IMPORT_TIME) for _ in range(runs)]
+    numba_imports = [_seconds_in_fresh_interpreter(NUMBA_IMPORT_TIME) for _ in range(runs)]
+    _seconds_in_fresh_interpreter(NUMBA_FIRST_CALL_TIME)  # fill the on-disk cache
+    numba_first_calls = [_seconds_in_fresh_interpreter(NUMBA_FIRST_CALL_TIME) for _ in range(runs)]
     _seconds_in_fresh_interpreter(FIRST_CALL_TIME)  # fill the on-disk cache
     warm = [_seconds_in_fresh_interpreter(FIRST_CALL_TIME) for _ in range(runs)]
     cold = []
@@ -62,4 +88,6 @@ def measure_cold_start(runs, compile_runs):
         "import": _figure(imports),
         "first_call_warm_cache": _figure(warm),
         "first_call_cold_cache": _figure(cold),
+        "numba_import": _figure(numba_imports),
+        "numba_first_call": _figure(numba_first_calls),
     }

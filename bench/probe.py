@@ -27,7 +27,7 @@ FAST = {"reassoc", "contract"}
 
 
 @njit(fastmath=FAST, cache=True)
-def _block_sum_of_squares(block):
+def block_sum_of_squares(block):
     total = 0.0
     for i in range(block.size):
         x = np.float64(block[i])
@@ -47,7 +47,7 @@ def sum_of_squares(buffer):
     n = buffer.size
     partial = np.zeros(BLOCKS)
     for block in prange(BLOCKS):
-        partial[block] = _block_sum_of_squares(buffer[n * block // BLOCKS : n * (block + 1) // BLOCKS])
+        partial[block] = block_sum_of_squares(buffer[n * block // BLOCKS : n * (block + 1) // BLOCKS])
     return partial.sum()
 
 

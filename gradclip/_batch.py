@@ -137,14 +137,11 @@ def _collect_plain(leaves, treedef, writes, real_only):
     dtype already accepted once (writable if ``writes``; real if ``real_only``):
     then nothing can fail, and the array headers read in one kernel call say all.
     """
-    headers = kernels.array_headers(leaves) if leaves else None
+    required = _ALIGNED | (_WRITEABLE if writes else 0)
+    headers = kernels.plain_headers(leaves, required, _CONTIGUOUS) if leaves else None
     if headers is None:
         return None
-    data, size, descr, flags = headers
-    required = _ALIGNED | (_WRITEABLE if writes else 0)
-    flags_ok, one_dtype, none_empty = kernels.header_summary(size, descr, flags, required, _CONTIGUOUS)
-    if not flags_ok:
-        return None
+    data, size, descr, one_dtype, none_empty, total = headers
     if one_dtype:
         groups = [(leaves[0].dtype, None if none_empty else np.flatnonzero(size))]
     else:
@@ -156,11 +153,12 @@ def _collect_plain(leaves, treedef, writes, real_only):
     for dtype, rows in groups:
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
             return None
+        witness = _table.witness(dtype)
         if rows is None:  # every leaf: the header columns as they are
-            table_columns = data, size, np.ones(size.size, np.int64), np.arange(size.size)
+            table = _table.Table(data, size, np.ones(size.size, np.int64), np.arange(size.size), witness, total)
         else:
-            table_columns = data[rows], size[rows], np.ones(rows.size, np.int64), rows
-        tables.append(_table.Table(*table_columns, _table.witness(dtype)))
+            table = _table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, witness)
+        tables.append(table)
     leaves = list(leaves)  # the caller's list may change after we return
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 

@@ -22,13 +22,13 @@ class Table:
 
     __slots__ = ("addr", "count", "step", "seg_leaf", "witness", "size")
 
-    def __init__(self, addr, count, step, seg_leaf, witness):
+    def __init__(self, addr, count, step, seg_leaf, witness, size=None):
         self.addr = addr
         self.count = count
         self.step = step
         self.seg_leaf = seg_leaf
         self.witness = witness  # an empty array of the kernels' element type
-        self.size = int(count.sum())
+        self.size = int(count.sum()) if size is None else size  # elements, unless the caller counted them
 
     def select(self, leaf_mask):
         """The rows of the leaves where ``leaf_mask`` (indexed by leaf) is true."""

@@ -23,7 +23,7 @@ Accumulation is in float64. ``fastmath`` allows reassociation and contraction
 (needed to vectorise the sums) but never ``nnan``/``ninf``: NaN and inf must be
 seen.
 
-Also here: ``array_headers`` / ``array_layouts`` read many NumPy array headers in
+Also here: ``plain_headers`` / ``array_layouts`` read many NumPy array headers in
 one call (the boundary's per-leaf cost), and ``accumulate_table`` adds a table of
 grads into contiguous buffers (``GradAccumulator``).
 """
@@ -631,31 +631,34 @@ def _read_array_headers(object_addresses, ndarray_type):
     return True, data, size, descr, flags
 
 
-def array_headers(objects):
-    """Data address, size, dtype object address and flags of distinct ``numpy.ndarray``s.
+def plain_headers(objects, required, any_of):
+    """What a kernel table needs of distinct ``numpy.ndarray``s with every ``required``
+    flag bit and one of ``any_of``: ``(data, size, descr, one_dtype, none_empty, total)``
+    (data addresses, sizes and dtype object addresses per array; whether they share one
+    dtype, whether none is empty, the number of elements), or None.
 
-    Returns None unless every object is an exact ``numpy.ndarray`` and none appears
-    twice. One call for all of them, reading each array object's fields directly:
-    asking NumPy costs a microsecond or more per array and attribute. The layout is
-    confirmed once against NumPy's own answers; where it differs (another
+    None unless every object is an exact ``numpy.ndarray`` with those flags and none
+    appears twice. One call for all of them, reading each array object's fields
+    directly: asking NumPy costs a microsecond or more per array and attribute. The
+    layout is confirmed once against NumPy's own answers; where it differs (another
     interpreter build) this always returns None and callers take the general path.
     """
     if not _header_layout_confirmed():
         return None
-    ok, *headers = _read_array_headers(_addresses(objects), id(np.ndarray))
+    ok, *headers = _plain_headers(_addresses(objects), id(np.ndarray), required, any_of)
     return headers if ok else None
 
 
 @njit(cache=True)
-def header_summary(size, descr, flags, required, any_of):
-    """For `array_headers` results: (every array has all ``required`` flag bits and one of
-    ``any_of``, they share one dtype, none is empty), in one call."""
-    flags_ok, one_dtype, none_empty = True, True, True
-    for i in range(size.size):
-        flags_ok &= (flags[i] & required) == required and (flags[i] & any_of) != 0
+def _plain_headers(object_addresses, ndarray_type, required, any_of):
+    ok, data, size, descr, flags = _read_array_headers(object_addresses, ndarray_type)
+    one_dtype, none_empty, total = True, True, 0
+    for i in range(size.size if ok else 0):
+        ok &= (flags[i] & required) == required and (flags[i] & any_of) != 0
         one_dtype &= descr[i] == descr[0]
         none_empty &= size[i] > 0
-    return flags_ok, one_dtype, none_empty
+        total += size[i]
+    return ok, data, size, descr, one_dtype, none_empty, total
 
 
 # ------------------------------------------------------------- accumulation
@@ -746,7 +749,7 @@ def array_layouts(arrays):
 
     Per array: ndim, the dtype object's address, the shape, the strides. Two lists of
     arrays with equal layouts give equal results. None unless every object is an exact
-    ``numpy.ndarray`` and the header layout is confirmed (as for `array_headers`).
+    ``numpy.ndarray`` and the header layout is confirmed (as for `plain_headers`).
     """
     if not _header_layout_confirmed():
         return None
