@@ -77,6 +77,22 @@ def _f32_bits(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def _f64_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.uint64), codegen
+
+
+@intrinsic
+def _f64_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.uint64(types.float64), codegen
+
+
 # ------------------------------------------------------ half-precision codecs
 
 
@@ -86,7 +102,10 @@ def _f32_bits(typingctx, value):
 
 _F16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 """The float32 value of every float16 bit pattern (NumPy's exact conversion, made at
-import without compiling anything). A lookup vectorises; decoding the bits did not."""
+import without compiling anything). A lookup was faster than decoding the bits, even
+in 32-bit vector lanes. LLVM's half type (one vcvtph2ps per 8) was faster still, but
+without F16C (e.g. NUMBA_CPU_NAME=generic) its conversion becomes a library call
+that crashed."""
 
 
 @njit
@@ -96,42 +115,58 @@ def _bf16_to_f32(h):
 
 
 @njit
-def _f64_to_f32_odd(y):
-    """float64 -> float32 bits rounded to odd.
+def _round_to_odd(y, keep):
+    """``y`` rounded to odd at ``keep`` of float64's 52 fraction bits: the rest cut
+    off, and the last bit kept set if anything nonzero was cut (inf stays inf, a NaN
+    a NaN).
 
-    Rounding to odd first and to nearest-even second equals one rounding to
-    nearest-even whenever the intermediate keeps two more bits than the target,
-    which float32 does for both half formats.
+    Rounding to odd with two bits more than a target format, then to nearest-even
+    at the target, equals one rounding to nearest-even. On the float64's bits that
+    takes four integer operations, which vectorise; the callers keep few enough bits
+    for the result to convert to float32 exactly, without a second rounding there.
     """
-    f = np.float32(y)
+    cut = np.uint64((1 << (52 - keep)) - 1)
+    b = _f64_bits(y)
+    # (b & cut) + cut carries into the last kept bit exactly when something is cut off
+    return _f64_from_bits((b | ((b & cut) + cut)) & ~cut)
+
+
+# numba does uint32 arithmetic in 64 bits; with every result wrapped back in np.uint32,
+# LLVM uses 32-bit lanes (eight per AVX2 register rather than four).
+
+
+@njit
+def _f64_to_bf16(y):
+    """float64 -> bfloat16 bits, rounded once to nearest-even; a NaN -> its float32's
+    upper half with the quiet bit set.
+
+    bfloat16's bits, subnormals included, are the upper half of a float32's. Rounded
+    to odd at 10 significant bits (bfloat16's 8 and 2 more), ``y`` is exactly a
+    float32 from 2**-140 on; below that bfloat16 rounds to zero either way.
+    """
+    f = np.float32(_round_to_odd(y, 9))
     b = _f32_bits(f)
-    # Inexact and even: step to the odd neighbour on y's side (truncation, then the sticky bit).
-    fix = np.float64(f) != y and (b & np.uint32(1)) == 0 and y == y
-    toward_zero = abs(np.float64(f)) > abs(y)
-    step = np.uint32(0xFFFFFFFF) if toward_zero else np.uint32(1)  # -1 or +1, modulo 2**32
-    return b + step if fix else b
+    upper = np.uint32(b >> np.uint32(16))
+    rounded = np.uint32(np.uint32(b + np.uint32(0x7FFF) + (upper & np.uint32(1))) >> np.uint32(16))
+    return np.uint32(upper | np.uint32(0x0040)) if f != f else rounded
 
 
 @njit
-def _f32_to_bf16(b):
-    """float32 bits -> bfloat16 bits, round to nearest-even, NaN kept quiet."""
-    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet_nan = (b >> np.uint32(16)) | np.uint32(0x0040)
-    return quiet_nan if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+def _f64_to_f16(y):
+    """float64 -> float16 bits, rounded once to nearest-even; a NaN -> sign | 0x7E00.
 
-
-@njit
-def _f32_to_f16(b):
-    """float32 bits -> float16 bits, round to nearest-even."""
-    a = b & np.uint32(0x7FFFFFFF)
-    rebiased = a - np.uint32(0x38000000)  # wraps below 2**-14, where it is not used
-    normal = (rebiased + np.uint32(0x0FFF) + ((rebiased >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
-    # below 2**-14: a count of 2**-24 units, rounded to nearest-even
-    subnormal = np.uint32(np.rint(np.float64(_f32_from_bits(a)) * 16777216.0))
-    h = normal if a >= np.uint32(0x38800000) else subnormal
-    h = np.uint32(0x7C00) if a >= np.uint32(0x477FF000) else h  # >= 65520 rounds to inf
-    h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else h  # NaN
-    return h | ((b >> np.uint32(16)) & np.uint32(0x8000))
+    Scaled by 2**-112, float16's values are float32s whose bits shifted right by 13
+    are float16's bits, subnormals included. Rounded to odd at 13 significant bits
+    (float16's 11 and 2 more) and scaled (exactly: a power of two), ``y`` is exactly
+    a float32 from 2**-25 on; below that float16 rounds to zero either way.
+    """
+    f = np.float32(_round_to_odd(y, 12) * 2.0**-112)
+    b = _f32_bits(f)
+    a = np.uint32(b & np.uint32(0x7FFFFFFF))
+    rounded = np.uint32(np.uint32(a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+    h = min(rounded, np.uint32(0x7C00))  # from 65520 on (float32's inf included): inf
+    h = np.uint32(0x7E00) if f != f else h
+    return np.uint32(h | np.uint32((b >> np.uint32(16)) & np.uint32(0x8000)))
 
 
 # ------------------------------------------- element decode / encode by type
@@ -162,9 +197,9 @@ def _widen_impl(x):
 def _narrow_impl(y, like):
     dtype = like.dtype
     if dtype == types.uint16:
-        return lambda y, like: np.uint16(_f32_to_f16(_f64_to_f32_odd(y)))
+        return lambda y, like: np.uint16(_f64_to_f16(y))
     if dtype == types.int16:
-        return lambda y, like: np.int16(np.uint16(_f32_to_bf16(_f64_to_f32_odd(y))))
+        return lambda y, like: np.int16(np.uint16(_f64_to_bf16(y)))
     if isinstance(dtype, (types.Float, types.Complex)):
         return lambda y, like: dtype(y)
     return None

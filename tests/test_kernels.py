@@ -9,7 +9,7 @@ import pytest
 import gradclip as gc
 from gradclip._kernels import cpu as kernels
 from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
-from reference import BFLOAT16, round_to
+from reference import BFLOAT16, ref_scale, round_to
 
 ALL_16_BIT_PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
@@ -30,35 +30,88 @@ def test_bfloat16_decoding_is_exact_for_every_bit_pattern():
     assert_same_bits(got, ALL_16_BIT_PATTERNS.view(BFLOAT16).astype(np.float32), nan_payload=False)
 
 
+HALF_DTYPES = pytest.mark.parametrize("half_dtype", [np.dtype(np.float16), BFLOAT16], ids=dtype_id)
+
+
+def _kernel_dtype(half_dtype):
+    return np.uint16 if half_dtype == np.float16 else np.int16
+
+
+def _narrow_one(half_dtype):
+    return kernels._f64_to_f16 if half_dtype == np.float16 else kernels._f64_to_bf16
+
+
 def _hard_float64_values(rng, half_dtype):
-    """Values at and around every rounding boundary of ``half_dtype``, plus random ones."""
+    """Values at and around every rounding boundary of ``half_dtype``, plus random ones
+    (no NaN): every finite value and its float64 neighbours, every midpoint between
+    neighbours (ties, subnormal ones included) and its float64 neighbours, the
+    overflow threshold and its neighbours, zeros, infinities, float64's extremes, the
+    edges of the ranges the narrowing converts through float32, and random float64s
+    of every magnitude and random bit patterns."""
     with np.errstate(invalid="ignore"):  # NaN patterns; dropped below
         halves = ALL_16_BIT_PATTERNS.view(half_dtype).astype(np.float64)
     halves = halves[np.isfinite(halves)]
     ordered = np.unique(halves)
     midpoints = (ordered[:-1] + ordered[1:]) / 2  # exact in float64: ties
-    nudged = np.concatenate([np.nextafter(midpoints, np.inf), np.nextafter(midpoints, -np.inf)])
-    wide = rng.standard_normal(20_000) * 10.0 ** rng.uniform(-45, 40, 20_000)
-    return np.concatenate([halves, midpoints, nudged, wide, [np.inf, -np.inf, 0.0, -0.0, 1e300]])
+    largest = float(ordered[-1])
+    threshold = largest + (largest - float(ordered[-2])) / 2  # ties to even: to inf
+    edges = np.array(
+        [threshold, largest, 2.0**-25, 2.0**-134, 2.0**-140, 2.0**-141, 2.0**-149, 2.0**-150, 2.0**-126, 2.0**-14]
+        + [3.4028234663852886e38, 2.0**128, 1e39, 1e300, np.finfo(np.float64).max, np.finfo(np.float64).tiny, 5e-324]
+    )
+    edges = np.concatenate([edges, -edges])
+    wide = rng.standard_normal(100_000) * 10.0 ** rng.uniform(-45, 40, 100_000)
+    patterns = rng.integers(0, 1 << 64, 100_000, dtype=np.uint64, endpoint=False).view(np.float64)
+    patterns = patterns[~np.isnan(patterns)]
+    with np.errstate(over="ignore"):  # float64's largest and its next one up
+        values = np.concatenate([halves, midpoints, edges])
+        values = np.concatenate([values, np.nextafter(values, np.inf), np.nextafter(values, -np.inf)])
+    return np.concatenate([values, wide, patterns, [np.inf, -np.inf, 0.0, -0.0]])
 
 
-@pytest.mark.parametrize("half_dtype", [np.dtype(np.float16), BFLOAT16], ids=dtype_id)
+@HALF_DTYPES
 def test_rounding_to_half_precision_is_nearest_even_once(half_dtype, rng):
     values = _hard_float64_values(rng, half_dtype)
-    # scaling by 1.0 is the identity on the float64 values, so the leaf receives round(values)
-    as_leaf = np.zeros(values.size, half_dtype)
-    kernel_dtype = np.uint16 if half_dtype == np.float16 else np.int16
-    narrow = kernels._f32_to_f16 if half_dtype == np.float16 else kernels._f32_to_bf16
-    got = np.array([narrow(kernels._f64_to_f32_odd(v)) for v in values], dtype=np.uint32)
-    as_leaf.view(kernel_dtype)[:] = got.astype(np.uint16).view(kernel_dtype)
-    assert_same_bits(as_leaf, round_to(values, half_dtype))
+    narrow = _narrow_one(half_dtype)
+    got = np.array([narrow(v) for v in values], dtype=np.uint32).astype(np.uint16).view(half_dtype)
+    assert_same_bits(got, round_to(values, half_dtype))
 
 
-def test_nan_stays_nan_when_narrowed():
-    for narrow in (kernels._f32_to_f16, kernels._f32_to_bf16):
-        bits = int(narrow(kernels._f64_to_f32_odd(np.nan)))
-        exponent_all_ones = 0x7C00 if narrow is kernels._f32_to_f16 else 0x7F80
-        assert bits & exponent_all_ones == exponent_all_ones and bits & ~(exponent_all_ones | 0x8000)
+@HALF_DTYPES
+def test_rounding_in_the_vectorised_kernel_loop(half_dtype, rng):
+    """The same values rounded by the kernels' loops, whose vector code is not the
+    scalar calls' above: accumulating float64 grads into a half-precision buffer
+    rounds each once (``accumulate_cpu_``), and scaling every half value by factors
+    that make ties, subnormals and overflows (``scale_cpu_``)."""
+    values = _hard_float64_values(rng, half_dtype)
+    acc = gc.GradAccumulator(1, average=False, accumulator_dtype=half_dtype)
+    assert_same_bits(acc.step(values), round_to(values, half_dtype))
+    codes = np.tile(ALL_16_BIT_PATTERNS, 3).view(_kernel_dtype(half_dtype))  # 3 x 65536: full vectors and a tail
+    for coef in (1.0, 0.75, 1 / 3, 1 + 2.0**-9 + 2.0**-30, 2.0**-9, 1.37e-5, 0.5**60, 3.0, 1e4, 1e40, -0.3):
+        scaled = codes.copy()
+        kernels.scale_cpu_(scaled, coef)
+        assert_same_bits(scaled.view(half_dtype), ref_scale(codes.view(half_dtype), coef), f"scaled by {coef!r}")
+
+
+@HALF_DTYPES
+def test_nan_narrows_to_a_quiet_nan(half_dtype):
+    """float16: sign | 0x7E00; bfloat16: the float32 NaN's upper half (sign and the
+    top of the payload) with the quiet bit set; in a scalar call and in a kernel loop."""
+    quiet = [0x7FF8000000000000, 0x7FFC000000000000, 0x7FFFFFFFFFFFFFFF]
+    signalling = [0x7FF0000000000001, 0x7FF4000000000000, 0x7FF0200000000000, 0x7FF0000020000000]
+    bits = np.array(quiet + signalling, dtype=np.uint64)
+    bits = np.concatenate([bits, bits | np.uint64(1 << 63)])
+    sign = (bits >> np.uint64(48)) & np.uint64(0x8000)
+    if half_dtype == np.float16:
+        expected = sign | np.uint64(0x7E00)
+    else:
+        expected = sign | np.uint64(0x7FC0) | ((bits >> np.uint64(45)) & np.uint64(0x7F))
+    expected = expected.astype(np.uint16)
+    narrow = _narrow_one(half_dtype)
+    assert [int(narrow(v)) for v in bits.view(np.float64)] == expected.tolist()
+    many = np.tile(bits, 100).view(np.float64)  # long enough for the vector loop
+    got = gc.GradAccumulator(1, average=False, accumulator_dtype=half_dtype).step(many)
+    assert got.view(np.uint16).tolist() == np.tile(expected, 100).tolist()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
