@@ -299,7 +299,7 @@ def machine_info(git_revision, load_at_start):
         "load_average_at_start": load_at_start,
         "load_average": os.getloadavg(),
     }
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:
         torch = sys.modules["torch"]
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     return info
