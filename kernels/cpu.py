@@ -755,7 +755,59 @@ def accumulate_table(table, dst_addr, dst_witness, first):
     driver(table.addr, table.count, table.step, dst_addr, bool(first), table.witness, dst_witness)
 
 
-"""``PyArrayObject_fields.strides`` (npy_intp *), after ``dimensions``."""
+# ------------------------------------------------- half precision by lookup
+# A 16-bit element has 65,536 possible values: scaling many of them by one coefficient
+# is cheaper as a lookup into a table of every value's result, made with the very
+# expressions `scale_cpu_` uses (so the bits are the same by construction), than as
+# per-element widening, multiplication and rounding.
+
+
+@njit(cache=True)
+def scaled_codes(codes, coef):
+    """``round(x * coef)`` for every 16-bit code, at index ``uint16(code)``; ``codes``
+    holds every code once, in that order."""
+    table = np.empty_like(codes)
+    for i in range(codes.size):
+        table[i] = _narrow(_times(_widen(codes[i]), coef), codes)
+    return table
+
+
+@njit
+def _look_up_(v, table):
+    for i in range(v.size):
+        v[i] = table[np.uint16(v[i])]
+
+
+@njit(inline="always")
+def _look_up_at(k, row, lo, addr, count, step, table):
+    r, offset, n = _chunk_row(k, row, lo, count)
+    start = addr[r] + offset * step[r] * table.itemsize
+    if step[r] == 1:
+        _look_up_(numba.carray(_voidptr(start), (n,), table.dtype), table)
+    else:
+        w = numba.carray(_voidptr(start), ((n - 1) * step[r] + 1,), table.dtype)
+        _look_up_(w[:: step[r]], table)
+
+
+@njit(cache=True)
+def _look_up_serial(addr, count, step, table):
+    row, lo = _chunks(count)
+    for k in range(row.size):
+        _look_up_at(k, row, lo, addr, count, step, table)
+
+
+@njit(cache=True, parallel=True)
+def _look_up_parallel(addr, count, step, table):
+    row, lo = _chunks(count)
+    for k in prange(row.size):
+        _look_up_at(k, row, lo, addr, count, step, table)
+
+
+def look_up_table(table, results):
+    """Replace every element of ``table`` (a 16-bit type) by its entry in ``results``
+    (from `scaled_codes`)."""
+    driver = _look_up_parallel if table.size >= PARALLEL_MIN else _look_up_serial
+    driver(table.addr, table.count, table.step, results)
 
 
 @njit(cache=True)

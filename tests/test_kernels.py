@@ -201,3 +201,33 @@ def test_many_leaves_with_one_repeat_far_apart_count_once(rng):
     assert gc.clip_grad_norm_(once, 1.0) == gc.clip_grad_norm_([*repeated, repeated[17]], 1.0)
     for a, b in zip(repeated, once):
         assert_same_bits(a, b)
+
+
+@HALF_DTYPES
+@pytest.mark.parametrize("total", [2.0, 3.0, 1001.0, 2.0**20, 1e300])
+def test_scaling_half_precision_by_lookup_equals_scaling_each_element(half_dtype, total, monkeypatch):
+    """Large half-precision leaves scaled by one coefficient go through a table of all
+    65,536 results: the same bits (NaN payloads included) as rounding each product, for
+    every code, in contiguous and strided leaves, with coefficients that make ties,
+    subnormals and zeros."""
+    from gradclip import _cpu
+
+    codes = ALL_16_BIT_PATTERNS.view(half_dtype)
+    tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
+
+    def scaled():  # one table of more than LOOKUP_MIN elements: contiguous, stepped, reversed
+        leaves = [tiled.copy(), np.tile(codes, 3)[::3], codes.copy()[::-1]]
+        gc.clip_grads_with_norm_(leaves, 1.0, total, eps=0.0)
+        return leaves
+
+    looked_up = []
+    look_up_table = kernels.look_up_table
+    monkeypatch.setattr(kernels, "look_up_table", lambda *args: looked_up.append(look_up_table(*args)))
+    by_table = scaled()
+    assert len(looked_up) == 1
+    monkeypatch.setattr(_cpu, "LOOKUP_MIN", math.inf)
+    by_element = scaled()
+    assert len(looked_up) == 1
+    for a, b in zip(by_table, by_element):
+        assert_same_bits(a, b, nan_payload=True)
+    assert not np.array_equal(by_table[0].view(np.uint16), tiled.view(np.uint16))  # it did scale
