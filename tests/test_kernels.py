@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
+from gradclip import _cpu
 from gradclip._kernels import cpu as kernels
 from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
 from reference import BFLOAT16, ref_scale, round_to
@@ -210,8 +211,6 @@ def test_scaling_half_precision_by_lookup_equals_scaling_each_element(half_dtype
     65,536 results: the same bits (NaN payloads included) as rounding each product, for
     every code, in contiguous and strided leaves, with coefficients that make ties,
     subnormals and zeros."""
-    from gradclip import _cpu
-
     codes = ALL_16_BIT_PATTERNS.view(half_dtype)
     tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
 
