@@ -68,6 +68,18 @@ Python ints)."""
 
 
 @cuda.jit(device=True)
+def _grid_walk(meta, first):
+    """Where this thread works in a launch over rows ``first`` on: the block's slot
+    (``blockIdx.y``), its leaf's row, whether the block idles (its ``blockIdx.x`` is past
+    the leaf's block count), and the thread's first element of the walk and its stride."""
+    slot = cuda.blockIdx.y
+    leaf = first + slot
+    nblocks = meta[leaf, NBLOCKS]
+    first_element = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    return slot, leaf, cuda.blockIdx.x >= nblocks, first_element, nblocks * cuda.blockDim.x
+
+
+@cuda.jit(device=True)
 def _position(meta, leaf, k):
     """Where element ``k`` of the leaf's walk lives in its view."""
     pos = meta[leaf, OFFSET]
@@ -245,11 +257,8 @@ def _reduction(widen, element, is_max):
 
     @cuda.jit
     def kernel(views, meta, first, p, peaks, partials):
-        slot = cuda.blockIdx.y
-        leaf = first + slot
-        block = cuda.blockIdx.x
-        nblocks = meta[leaf, NBLOCKS]
-        if block >= nblocks:
+        slot, leaf, idle, k, stride = _grid_walk(meta, first)
+        if idle:
             return
         view = views[slot]
         n = meta[leaf, SIZE]
@@ -258,14 +267,13 @@ def _reduction(widen, element, is_max):
         step = meta[leaf, AXES + 1]
         scale = peaks[leaf]
         acc = 0.0
-        k = block * cuda.blockDim.x + cuda.threadIdx.x
         while k < n:
             pos = offset + k * step if flat else _position(meta, leaf, k)
             acc = _combine(acc, element(widen(view[pos]), p, scale), is_max)
-            k += nblocks * cuda.blockDim.x
+            k += stride
         total = _block_fold(acc, is_max)
         if cuda.threadIdx.x == 0:
-            partials[leaf, block] = total
+            partials[leaf, cuda.blockIdx.x] = total
 
     return kernel
 
@@ -280,19 +288,15 @@ def _scale(widen, store, times):
         (out of place): then the elements are copied unchanged. ``dense_dst``: ``dst``
         holds element ``k`` of the walk at position ``k``.
         """
-        slot = cuda.blockIdx.y
-        leaf = first + slot
-        block = cuda.blockIdx.x
-        nblocks = meta[leaf, NBLOCKS]
+        slot, leaf, idle, k, stride = _grid_walk(meta, first)
         norm = norms[leaf] if per_leaf else norms[0]
         clip = math.isfinite(norm) and norm > max_norm
-        if block >= nblocks or not (clip or dense_dst):
+        if idle or not (clip or dense_dst):
             return
         coef = max_norm / (norm + eps) if clip else 1.0
         src = views[slot]
         out = dst[slot]
         n = meta[leaf, SIZE]
-        k = block * cuda.blockDim.x + cuda.threadIdx.x
         while k < n:
             pos = _position(meta, leaf, k)
             at = k if dense_dst else pos
@@ -300,7 +304,7 @@ def _scale(widen, store, times):
                 store(out, at, times(widen(src[pos]), coef))
             else:
                 out[at] = src[pos]
-            k += nblocks * cuda.blockDim.x
+            k += stride
 
     return scale_cuda_
 
@@ -314,16 +318,12 @@ def _clamp(widen, store):
         stored as it is, and comparing with it selects what the exact bound selects.
         Out of place (``dense_dst``), the other elements are copied unchanged.
         """
-        slot = cuda.blockIdx.y
-        leaf = first + slot
-        block = cuda.blockIdx.x
-        nblocks = meta[leaf, NBLOCKS]
-        if block >= nblocks:
+        slot, leaf, idle, k, stride = _grid_walk(meta, first)
+        if idle:
             return
         src = views[slot]
         out = dst[slot]
         n = meta[leaf, SIZE]
-        k = block * cuda.blockDim.x + cuda.threadIdx.x
         while k < n:
             pos = _position(meta, leaf, k)
             at = k if dense_dst else pos
@@ -334,7 +334,7 @@ def _clamp(widen, store):
                 store(out, at, -bound)
             elif dense_dst:
                 out[at] = src[pos]
-            k += nblocks * cuda.blockDim.x
+            k += stride
 
     return clamp_cuda_
 
@@ -343,26 +343,22 @@ def _zero_nonfinite(widen, store, zeroed):
     @cuda.jit
     def zero_nonfinite_cuda_(views, meta, first, partials):
         """Non-finite parts -> 0 (only those are written); elements changed per block."""
-        slot = cuda.blockIdx.y
-        leaf = first + slot
-        block = cuda.blockIdx.x
-        nblocks = meta[leaf, NBLOCKS]
-        if block >= nblocks:
+        slot, leaf, idle, k, stride = _grid_walk(meta, first)
+        if idle:
             return
         v = views[slot]
         n = meta[leaf, SIZE]
         changed = 0.0
-        k = block * cuda.blockDim.x + cuda.threadIdx.x
         while k < n:
             pos = _position(meta, leaf, k)
             x = widen(v[pos])
             if not (math.isfinite(x.real) and math.isfinite(x.imag)):
                 store(v, pos, zeroed(x))
                 changed += 1.0
-            k += nblocks * cuda.blockDim.x
+            k += stride
         total = _block_fold(changed, False)
         if cuda.threadIdx.x == 0:
-            partials[leaf, block] = total
+            partials[leaf, cuda.blockIdx.x] = total
 
     return zero_nonfinite_cuda_
 
@@ -377,17 +373,13 @@ def _multiply(widen, store, times):
         In place, a leaf whose coefficient is 1 is not written. Out of place
         (``dense_dst``), every element is written.
         """
-        slot = cuda.blockIdx.y
-        leaf = first + slot
-        block = cuda.blockIdx.x
-        nblocks = meta[leaf, NBLOCKS]
+        slot, leaf, idle, k, stride = _grid_walk(meta, first)
         coef = coefs[leaf]
-        if block >= nblocks or (coef == 1.0 and not (fill or dense_dst)):
+        if idle or (coef == 1.0 and not (fill or dense_dst)):
             return
         src = views[slot]
         out = dst[slot]
         n = meta[leaf, SIZE]
-        k = block * cuda.blockDim.x + cuda.threadIdx.x
         while k < n:
             pos = _position(meta, leaf, k)
             at = k if dense_dst else pos
@@ -395,7 +387,7 @@ def _multiply(widen, store, times):
                 store(out, at, coef)
             else:
                 store(out, at, times(widen(src[pos]), coef))
-            k += nblocks * cuda.blockDim.x
+            k += stride
 
     return multiply_cuda_
 
@@ -410,23 +402,19 @@ def _accumulate(widen, widen_into, store_into):
         The buffers' element type may differ from the leaves' (``widen_into`` /
         ``store_into`` are its codec).
         """
-        slot = cuda.blockIdx.y
-        leaf = first_row + slot
-        block = cuda.blockIdx.x
-        nblocks = meta[leaf, NBLOCKS]
-        if block >= nblocks:
+        slot, leaf, idle, k, stride = _grid_walk(meta, first_row)
+        if idle:
             return
         src = views[slot]
         out = dst[slot]
         n = meta[leaf, SIZE]
-        k = block * cuda.blockDim.x + cuda.threadIdx.x
         while k < n:
             x = widen(src[_position(meta, leaf, k)])
             if first:
                 store_into(out, k, x)
             else:
                 store_into(out, k, widen_into(out[k]) + x)
-            k += nblocks * cuda.blockDim.x
+            k += stride
 
     return accumulate_cuda_
 
