@@ -32,7 +32,6 @@ import functools
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -61,36 +60,23 @@ def _voidptr(typingctx, addr):
     return types.voidptr(types.intp), codegen
 
 
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+def _bitcast(source, target):
+    """An intrinsic that reads a ``source`` value's bits as a ``target`` of the same width."""
 
-    return types.float32(types.uint32), codegen
+    @intrinsic
+    def bitcast(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
+        return target(source), codegen
 
-@intrinsic
-def _f32_bits(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
+    return bitcast
 
 
-@intrinsic
-def _f64_from_bits(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.uint64), codegen
-
-
-@intrinsic
-def _f64_bits(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.uint64(types.float64), codegen
+_f32_from_bits = _bitcast(types.uint32, types.float32)
+_f32_bits = _bitcast(types.float32, types.uint32)
+_f64_from_bits = _bitcast(types.uint64, types.float64)
+_f64_bits = _bitcast(types.float64, types.uint64)
 
 
 # ------------------------------------------------------ half-precision codecs
