@@ -106,6 +106,22 @@ _C_CONTIGUOUS, _F_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x1, 0x2, 0x100, 0x400  # N
 _CONTIGUOUS = _C_CONTIGUOUS | _F_CONTIGUOUS
 
 
+def plain_list(grads, writes):
+    """``(dtype, required, any_of)`` if ``grads`` may be a plain list, for the one-call
+    paths (`_cpu.plain_list_norm`): a non-empty ``list`` whose first item is a
+    ``numpy.ndarray`` of a dtype accepted before; else None. The kernel then checks that
+    every item is a distinct array of that dtype with every ``required`` flag bit and one
+    of ``any_of``, as `_collect_plain` does.
+    """
+    if type(grads) is list and grads and type(grads[0]) is np.ndarray and _checks.accepted(grads[0].dtype):
+        return grads[0].dtype, _required_flags(writes), _CONTIGUOUS
+    return None
+
+
+def _required_flags(writes):
+    return _ALIGNED | (_WRITEABLE if writes else 0)
+
+
 def _collect_plain_or_torch(leaves, treedef, writes, real_only):
     """`_collect_plain`, or its twin for CPU torch tensors, or None."""
     batch = _collect_plain(leaves, treedef, writes, real_only)
@@ -137,8 +153,7 @@ def _collect_plain(leaves, treedef, writes, real_only):
     dtype already accepted once (writable if ``writes``; real if ``real_only``):
     then nothing can fail, and the array headers read in one kernel call say all.
     """
-    required = _ALIGNED | (_WRITEABLE if writes else 0)
-    headers = kernels.plain_headers(leaves, required, _CONTIGUOUS) if leaves else None
+    headers = kernels.plain_headers(leaves, _required_flags(writes), _CONTIGUOUS) if leaves else None
     if headers is None:
         return None
     data, size, descr, one_dtype, none_empty, total = headers

@@ -40,9 +40,10 @@ class Collective:
             self._exchange(np.nan, 0.0, failed=True)  # so that no other rank waits for this one
         return False
 
-    def on_device(self, replicated):
-        """Whether a GPU call can keep its norm in device memory: no reducer and no
-        ``replicated`` leaves to pick out (either needs the leaf norms on the host)."""
+    def local(self, replicated):
+        """Whether the norm is this process's own: no reducer and no ``replicated`` leaves
+        to pick out. A GPU call can then keep it in device memory, a CPU call on a plain
+        list take the one-call path (either needs the leaf norms on the host otherwise)."""
         return self._reducer is None and replicated is None
 
     def total_norm(self, batch, p, replicated=None):

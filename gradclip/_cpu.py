@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from . import _table
 from ._kernels import cpu as kernels
 
 _TINY = 2.0**-900
@@ -38,12 +39,9 @@ def leaf_norms(batch, p):
         return _scaled_norms(batch, p, np.ones(n, dtype=bool))
     sums = np.zeros(n)
     _run(kernels.SUMSQ if p == 2.0 else kernels.SUMABS, batch, sums)
-    norms, any_suspect = kernels.norms_from_sums(sums, p, _TINY)
-    if any_suspect:
-        suspect = ~(sums >= _TINY) | (sums == math.inf)
-        suspect &= _float64_based(batch) | ~np.isfinite(sums)  # narrower types cannot underflow
-        if suspect.any():
-            norms[suspect] = _scaled_norms(batch, p, suspect)[suspect]
+    norms, redo, any_redo = kernels.norms_from_sums(sums, p, _TINY, _float64_based(batch))
+    if any_redo:
+        norms[redo] = _scaled_norms(batch, p, redo)[redo]
     return norms
 
 
@@ -51,9 +49,13 @@ def _float64_based(batch):
     """Per unique leaf: is it float64 or complex128?"""
     wide = np.zeros(len(batch.arrays), dtype=bool)
     for table in batch.tables:
-        if table.witness.dtype in (np.float64, np.complex128):
+        if _wide(table.witness.dtype):
             wide[table.seg_leaf] = True
     return wide
+
+
+def _wide(dtype):
+    return dtype in (np.float64, np.complex128)
 
 
 def _scaled_norms(batch, p, leaf_mask):
@@ -75,9 +77,29 @@ def total_norm(norms, p):
     return float(kernels.fold_norms(norms, float(p)))
 
 
+def plain_list_norm(grads, plain, max_norm=math.inf, eps=0.0):
+    """The total 2-norm of ``grads`` in one compiled call, every leaf scaled in place to
+    ``max_norm`` as `clip_grad_norm_` does; or None, with nothing written. The total is
+    finite: the path declines any leaf whose sum of squares is not.
+
+    ``plain``: what `_batch.plain_list` says of ``grads``; None (not a plain list) gives
+    None, and so does a call that needs more than the plain 2-norm: a leaf norm to redo
+    (see `leaf_norms`), or many 16-bit elements to scale (by table, see `scale_`).
+    """
+    if plain is None:
+        return None
+    dtype, required, any_of = plain
+    size_limit = LOOKUP_MIN if dtype.itemsize == 2 and max_norm < math.inf else _NO_LIMIT
+    witness = _table.witness(dtype)
+    return kernels.plain_list_norm(
+        grads, dtype, required, any_of, size_limit, max_norm, eps, _TINY, _wide(witness.dtype), witness
+    )
+
+
 LOOKUP_MIN = 1 << 20
 """16-bit elements scaled by one coefficient from which a table of all 65,536 results
 (~75 us to make) is cheaper than rounding each product."""
+_NO_LIMIT = 1 << 62
 
 
 def scale_(batch, coef):

@@ -73,8 +73,12 @@ def clip_grad_norm_(
         max_norm = _checks.nonnegative("max_norm", max_norm)
         p = _checks.norm_type(norm_type)
         eps = _checks.nonnegative("eps", eps)
+        if p == 2.0 and collective.local(replicated):
+            total = _cpu.plain_list_norm(grads, _batch.plain_list(grads, writes=True), max_norm, eps)
+            if total is not None:  # finite; the leaves are clipped
+                return total
         batch = _batch.collect(grads, "clip_grad_norm_", writes=True, cuda=True)
-        if batch.cuda and collective.on_device(replicated):
+        if batch.cuda and collective.local(replicated):
             return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite)
         total = collective.total_norm(batch, p, replicated)
     if batch.cuda:
@@ -104,7 +108,7 @@ def clip_grad_norm(
         p = _checks.norm_type(norm_type)
         eps = _checks.nonnegative("eps", eps)
         batch = _batch.collect(grads, "clip_grad_norm", cuda=True)
-        if batch.cuda and collective.on_device(replicated):
+        if batch.cuda and collective.local(replicated):
             return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, out_of_place=True)
         total = collective.total_norm(batch, p, replicated)  # of the input, as grad_norm gives it
     if batch.cuda:

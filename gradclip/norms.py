@@ -1,6 +1,5 @@
 """Total and per-leaf gradient norms."""
 
-
 from . import _batch, _checks, _cpu, _cuda
 from ._collective import Collective
 
@@ -49,8 +48,12 @@ def grad_norm(grads, norm_type=2.0, *, reducer=None, replicated=None):
     """
     with Collective("grad_norm", reducer) as collective:
         p = _checks.norm_type(norm_type)
+        if p == 2.0 and collective.local(replicated):
+            total = _cpu.plain_list_norm(grads, _batch.plain_list(grads, writes=False))
+            if total is not None:
+                return total
         batch = _batch.collect(grads, "grad_norm", cuda=True)
-        if batch.cuda and collective.on_device(replicated):
+        if batch.cuda and collective.local(replicated):
             return _cuda.grad_norm(batch, p)
         total = collective.total_norm(batch, p, replicated)
     return _cuda.on_first_device(batch, total) if batch.cuda else total

@@ -554,14 +554,19 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
 
 
 @njit(cache=True)
-def norms_from_sums(sums, p, tiny):
-    """``sums ** (1 / p)`` for p = 1 or 2, and whether any sum is suspect: below ``tiny``
-    (float64 elements may have underflowed), infinite or NaN."""
+def norms_from_sums(sums, p, tiny, wide):
+    """``sums ** (1 / p)`` for p = 1 or 2; which leaves need their norm redone scaled by
+    their largest magnitude, and whether any does.
+
+    A sum that is infinite or NaN needs it, and so does one below ``tiny`` of a ``wide``
+    (float64-based) leaf, whose elements may have underflowed when squared; narrower
+    elements cannot.
+    """
     norms = np.sqrt(sums) if p == 2.0 else sums.copy()
-    suspect = False
-    for s in sums:
-        suspect |= not (tiny <= s < np.inf)
-    return norms, suspect
+    redo = np.empty(sums.size, np.bool_)
+    for i in range(sums.size):
+        redo[i] = not (sums[i] < np.inf) or (wide[i] and not (sums[i] >= tiny))
+    return norms, redo, redo.any()
 
 
 @njit(fastmath={"reassoc"}, cache=True)
@@ -680,6 +685,61 @@ def _plain_headers(object_addresses, ndarray_type, required, any_of):
         none_empty &= size[i] > 0
         total += size[i]
     return ok, data, size, descr, one_dtype, none_empty, total
+
+
+# ------------------------------------------------------- a plain list in one call
+# On a few small leaves, Python steps and compiled-function dispatches (~1 us each) cost
+# more than the arithmetic. For the common call, a list of distinct contiguous arrays of
+# one dtype, the 2-norm and the clip run as one compiled call built from the drivers and
+# helpers of the general path, so both give the same bits.
+
+
+@njit(cache=True)
+def _plain_list_norm(
+    list_address, ndarray_type, dtype_address, required, any_of, size_limit, max_norm, eps, tiny, wide, witness
+):
+    ok, addr, count, descr, one_dtype, _, size = _plain_headers(
+        _list_items(list_address), ndarray_type, required, any_of
+    )
+    if not (ok and count.size and one_dtype and descr[0] == dtype_address and size < size_limit):
+        return False, 0.0
+    n = count.size
+    step, seg_leaf, sums = np.ones(n, np.int64), np.arange(n), np.zeros(n)
+    # The ops as run-time integers, as the general path passes them: the drivers compiled
+    # for it serve here too (constants would compile a specialised copy of each).
+    sumsq, scale = np.int64(SUMSQ), np.int64(SCALE)
+    if size >= PARALLEL_MIN:
+        _reduce_parallel(sumsq, addr, count, step, seg_leaf, 2.0, sums, sums, witness)
+    else:
+        _reduce_serial(sumsq, addr, count, step, seg_leaf, 2.0, sums, sums, witness)
+    norms, _, any_redo = norms_from_sums(sums, 2.0, tiny, np.full(n, wide))
+    if any_redo:
+        return False, 0.0
+    total = fold_norms(norms, 2.0)  # finite: every sum of squares is
+    if total > max_norm:
+        coef = np.full(n, max_norm / (total + eps))
+        if size >= PARALLEL_MIN:
+            _update_parallel(scale, addr, count, step, seg_leaf, coef, 0.0, witness)
+        else:
+            _update_serial(scale, addr, count, step, seg_leaf, coef, 0.0, witness)
+    return True, total
+
+
+def plain_list_norm(objects, dtype, required, any_of, size_limit, max_norm, eps, tiny, wide, witness):
+    """The total 2-norm of a list of ``numpy.ndarray``s in one call, every leaf scaled in
+    place by ``max_norm / (total + eps)`` when ``total > max_norm``; or None, with
+    nothing written, unless every object is a distinct array of ``dtype`` with the
+    `plain_headers` flags, they hold fewer than ``size_limit`` elements, and no leaf's
+    norm needs redoing (`norms_from_sums`).
+
+    ``wide``: ``dtype`` is float64-based; ``witness``: its kernel element type.
+    """
+    if not (_header_layout_confirmed() and _list_layout_confirmed()):
+        return None
+    handled, total = _plain_list_norm(
+        id(objects), id(np.ndarray), id(dtype), required, any_of, size_limit, max_norm, eps, tiny, wide, witness
+    )
+    return total if handled else None
 
 
 # ------------------------------------------------------------- accumulation
@@ -885,4 +945,3 @@ def _header_layout_confirmed():
     ok, layouts = _read_layouts(addresses, id(np.ndarray))
     expected = [x for a in probes for x in (a.ndim, id(a.dtype), *a.shape, *a.strides)]
     return headers_match and ok and layouts.tolist() == expected
-
