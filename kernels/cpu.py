@@ -691,38 +691,46 @@ def _plain_headers(object_addresses, ndarray_type, required, any_of):
 # On a few small leaves, Python steps and compiled-function dispatches (~1 us each) cost
 # more than the arithmetic. For the common call, a list of distinct contiguous arrays of
 # one dtype, the 2-norm and the clip run as one compiled call built from the drivers and
-# helpers of the general path, so both give the same bits.
+# helpers of the general path, so both give the same bits. There is one such function
+# per driver kind: Numba compiles every function a function calls, and the parallel
+# drivers, slow to compile, are then compiled only once a list is large enough for them.
+
+RAN, DECLINED, OUT_OF_RANGE = range(3)
 
 
-@njit(cache=True)
-def _plain_list_norm(
-    list_address, ndarray_type, dtype_address, required, any_of, size_limit, max_norm, eps, tiny, wide, witness
-):
+@njit(inline="always")
+def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
+    """``(status, total)`` of the list described by ``plain`` (see `plain_list_norm`)."""
+    list_address, ndarray_type, dtype_address, required, any_of, lowest_size, size_limit = plain
     ok, addr, count, descr, one_dtype, _, size = _plain_headers(
         _list_items(list_address), ndarray_type, required, any_of
     )
-    if not (ok and count.size and one_dtype and descr[0] == dtype_address and size < size_limit):
-        return False, 0.0
+    if not (ok and count.size and one_dtype and descr[0] == dtype_address):
+        return DECLINED, 0.0
+    if not lowest_size <= size < size_limit:
+        return OUT_OF_RANGE, 0.0
     n = count.size
     step, seg_leaf, sums = np.ones(n, np.int64), np.arange(n), np.zeros(n)
-    # The ops as run-time integers, as the general path passes them: the drivers compiled
-    # for it serve here too (constants would compile a specialised copy of each).
-    sumsq, scale = np.int64(SUMSQ), np.int64(SCALE)
-    if size >= PARALLEL_MIN:
-        _reduce_parallel(sumsq, addr, count, step, seg_leaf, 2.0, sums, sums, witness)
-    else:
-        _reduce_serial(sumsq, addr, count, step, seg_leaf, 2.0, sums, sums, witness)
+    # the ops as run-time integers, as the general path passes them: its compiled drivers
+    # serve (constants would compile a specialised copy of each)
+    reduce(np.int64(SUMSQ), addr, count, step, seg_leaf, 2.0, sums, sums, witness)
     norms, _, any_redo = norms_from_sums(sums, 2.0, tiny, np.full(n, wide))
     if any_redo:
-        return False, 0.0
+        return DECLINED, 0.0
     total = fold_norms(norms, 2.0)  # finite: every sum of squares is
     if total > max_norm:
-        coef = np.full(n, max_norm / (total + eps))
-        if size >= PARALLEL_MIN:
-            _update_parallel(scale, addr, count, step, seg_leaf, coef, 0.0, witness)
-        else:
-            _update_serial(scale, addr, count, step, seg_leaf, coef, 0.0, witness)
-    return True, total
+        update(np.int64(SCALE), addr, count, step, seg_leaf, np.full(n, max_norm / (total + eps)), 0.0, witness)
+    return RAN, total
+
+
+@njit(cache=True)
+def _plain_list_norm_serial(plain, max_norm, eps, tiny, wide, witness):
+    return _norm_and_clip(_reduce_serial, _update_serial, plain, max_norm, eps, tiny, wide, witness)
+
+
+@njit(cache=True)
+def _plain_list_norm_parallel(plain, max_norm, eps, tiny, wide, witness):
+    return _norm_and_clip(_reduce_parallel, _update_parallel, plain, max_norm, eps, tiny, wide, witness)
 
 
 def plain_list_norm(objects, dtype, required, any_of, size_limit, max_norm, eps, tiny, wide, witness):
@@ -736,10 +744,13 @@ def plain_list_norm(objects, dtype, required, any_of, size_limit, max_norm, eps,
     """
     if not (_header_layout_confirmed() and _list_layout_confirmed()):
         return None
-    handled, total = _plain_list_norm(
-        id(objects), id(np.ndarray), id(dtype), required, any_of, size_limit, max_norm, eps, tiny, wide, witness
-    )
-    return total if handled else None
+    plain = (id(objects), id(np.ndarray), id(dtype), required, any_of)
+    status, total = _plain_list_norm_serial((*plain, 0, PARALLEL_MIN), max_norm, eps, tiny, wide, witness)
+    if status == OUT_OF_RANGE:
+        status, total = _plain_list_norm_parallel(
+            (*plain, PARALLEL_MIN, size_limit), max_norm, eps, tiny, wide, witness
+        )
+    return total if status == RAN else None
 
 
 # ------------------------------------------------------------- accumulation
