@@ -106,16 +106,19 @@ _C_CONTIGUOUS, _F_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x1, 0x2, 0x100, 0x400  # N
 _CONTIGUOUS = _C_CONTIGUOUS | _F_CONTIGUOUS
 
 
-def plain_list(grads, writes):
+def plain_list(grads, writes, real_only=False):
     """``(dtype, required, any_of)`` if ``grads`` may be a plain list, for the one-call
-    paths (`_cpu.plain_list_norm`): a non-empty ``list`` whose first item is a
-    ``numpy.ndarray`` of a dtype accepted before; else None. The kernel then checks that
-    every item is a distinct array of that dtype with every ``required`` flag bit and one
-    of ``any_of``, as `_collect_plain` does.
+    paths (`_cpu.plain_list_norm` and its siblings): a non-empty ``list`` whose first item
+    is a ``numpy.ndarray`` of a dtype accepted before (real if ``real_only``); else None.
+    The kernel then checks that every item is a distinct array of that dtype with every
+    ``required`` flag bit and one of ``any_of``, as `_collect_plain` does.
     """
-    if type(grads) is list and grads and type(grads[0]) is np.ndarray and _checks.accepted(grads[0].dtype):
-        return grads[0].dtype, _required_flags(writes), _CONTIGUOUS
-    return None
+    if type(grads) is not list or not grads or type(grads[0]) is not np.ndarray:
+        return None
+    dtype = grads[0].dtype
+    if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
+        return None
+    return dtype, _required_flags(writes), _CONTIGUOUS
 
 
 def _required_flags(writes):

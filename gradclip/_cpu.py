@@ -89,17 +89,37 @@ def plain_list_norm(grads, plain, max_norm=math.inf, eps=0.0):
     if plain is None:
         return None
     dtype, required, any_of = plain
-    size_limit = LOOKUP_MIN if dtype.itemsize == 2 and max_norm < math.inf else _NO_LIMIT
+    size_limit = LOOKUP_MIN if dtype.itemsize == 2 and max_norm < math.inf else kernels.NO_LIMIT
     witness = _table.witness(dtype)
     return kernels.plain_list_norm(
         grads, dtype, required, any_of, size_limit, max_norm, eps, _TINY, _wide(witness.dtype), witness
     )
 
 
+def plain_list_count_nonfinite(grads, plain):
+    """`count_nonfinite` of a plain list (see `plain_list_norm`) in one call, or None."""
+    if plain is None:
+        return None
+    return kernels.plain_list_count_nonfinite(grads, *plain, _table.witness(plain[0]))
+
+
+def plain_list_clamp_(grads, plain, bound):
+    """`clamp_` of a plain list (see `plain_list_norm`) in one call; False if not done."""
+    return plain is not None and _plain_list_update(kernels.CLAMP, grads, plain, bound) is not None
+
+
+def plain_list_zero_nonfinite_(grads, plain):
+    """`zero_nonfinite_` of a plain list (see `plain_list_norm`) in one call, or None."""
+    return None if plain is None else _plain_list_update(kernels.ZERO_NONFINITE, grads, plain, 0.0)
+
+
+def _plain_list_update(op, grads, plain, bound):
+    return kernels.plain_list_update(op, grads, *plain, bound, _table.witness(plain[0]))
+
+
 LOOKUP_MIN = 1 << 20
 """16-bit elements scaled by one coefficient from which a table of all 65,536 results
 (~75 us to make) is cheaper than rounding each product."""
-_NO_LIMIT = 1 << 62
 
 
 def scale_(batch, coef):

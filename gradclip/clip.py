@@ -210,6 +210,9 @@ def clip_grad_value_(grads, clip_value):
     array([-1. ,  0.5,  1. ,  nan])
     """
     clip_value = _checks.nonnegative("clip_value", clip_value)
+    if clip_value != math.inf:  # inf never clips: the general path writes nothing
+        if _cpu.plain_list_clamp_(grads, _batch.plain_list(grads, writes=True, real_only=True), clip_value):
+            return None
     batch = _batch.collect(grads, "clip_grad_value_", writes=True, real_only=True, cuda=True)
     if batch.cuda:
         return _cuda.clip_grad_value_(batch, clip_value)

@@ -14,6 +14,9 @@ def all_finite(grads):
     >>> gradclip.all_finite([np.ones(3), np.array([1.0, np.nan])])
     False
     """
+    count = _cpu.plain_list_count_nonfinite(grads, _batch.plain_list(grads, writes=False))
+    if count is not None:
+        return count == 0
     batch = _batch.collect(grads, "all_finite", cuda=True)
     if batch.cuda:
         return _cuda.all_finite(batch)
@@ -43,6 +46,9 @@ def zero_nonfinite_(grads):
     >>> gradclip.zero_nonfinite_(g), g
     (2, array([1., 0., 0.]))
     """
+    changed = _cpu.plain_list_zero_nonfinite_(grads, _batch.plain_list(grads, writes=True))
+    if changed is not None:
+        return changed
     batch = _batch.collect(grads, "zero_nonfinite_", writes=True, cuda=True)
     if batch.cuda:
         return _cuda.zero_nonfinite_(batch)

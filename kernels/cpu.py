@@ -690,29 +690,42 @@ def _plain_headers(object_addresses, ndarray_type, required, any_of):
 # ------------------------------------------------------- a plain list in one call
 # On a few small leaves, Python steps and compiled-function dispatches (~1 us each) cost
 # more than the arithmetic. For the common call, a list of distinct contiguous arrays of
-# one dtype, the 2-norm and the clip run as one compiled call built from the drivers and
-# helpers of the general path, so both give the same bits. There is one such function
-# per driver kind: Numba compiles every function a function calls, and the parallel
-# drivers, slow to compile, are then compiled only once a list is large enough for them.
+# one dtype, a whole operation runs as one compiled call built from the drivers and
+# helpers of the general path, so both give the same bits. Each operation has one such
+# function per driver kind: Numba compiles every function a function calls, and the
+# parallel drivers, slow to compile, are then compiled only once a list is large enough.
+#
+# A list is described by ``plain``: its address, the ndarray type's and the dtype's,
+# the flags `plain_headers` checks (``required``, ``any_of``) and the range of element
+# counts the function takes. Each returns ``(status, result)``; unless it RAN, nothing
+# was written. The ops go to the drivers as run-time integers, as the general path
+# passes them, so the drivers compiled for it serve (constants would compile copies).
 
 RAN, DECLINED, OUT_OF_RANGE = range(3)
 
 
 @njit(inline="always")
-def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
-    """``(status, total)`` of the list described by ``plain`` (see `plain_list_norm`)."""
+def _plain_table(plain):
+    """``(status, addr, count, step, seg_leaf)``: the list's table, or why not."""
     list_address, ndarray_type, dtype_address, required, any_of, lowest_size, size_limit = plain
     ok, addr, count, descr, one_dtype, _, size = _plain_headers(
         _list_items(list_address), ndarray_type, required, any_of
     )
+    status = RAN
     if not (ok and count.size and one_dtype and descr[0] == dtype_address):
-        return DECLINED, 0.0
-    if not lowest_size <= size < size_limit:
-        return OUT_OF_RANGE, 0.0
+        status = DECLINED
+    elif not lowest_size <= size < size_limit:
+        status = OUT_OF_RANGE
+    return status, addr, count, np.ones(count.size, np.int64), np.arange(count.size)
+
+
+@njit(inline="always")
+def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
+    status, addr, count, step, seg_leaf = _plain_table(plain)
+    if status != RAN:
+        return status, 0.0
     n = count.size
-    step, seg_leaf, sums = np.ones(n, np.int64), np.arange(n), np.zeros(n)
-    # the ops as run-time integers, as the general path passes them: its compiled drivers
-    # serve (constants would compile a specialised copy of each)
+    sums = np.zeros(n)
     reduce(np.int64(SUMSQ), addr, count, step, seg_leaf, 2.0, sums, sums, witness)
     norms, _, any_redo = norms_from_sums(sums, 2.0, tiny, np.full(n, wide))
     if any_redo:
@@ -723,14 +736,67 @@ def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
     return RAN, total
 
 
+@njit(inline="always")
+def _count_nonfinite(reduce, plain, witness):
+    status, addr, count, step, seg_leaf = _plain_table(plain)
+    counts = np.zeros(count.size)
+    if status == RAN:
+        reduce(np.int64(NONFINITE), addr, count, step, seg_leaf, 2.0, counts, counts, witness)
+    return status, np.int64(counts.sum())
+
+
+@njit(inline="always")
+def _update_in_place(update, plain, op, bound, witness):
+    status, addr, count, step, seg_leaf = _plain_table(plain)
+    changed = np.int64(0)
+    if status == RAN:
+        changed = update(op, addr, count, step, seg_leaf, np.zeros(0), bound, witness)
+    return status, changed
+
+
 @njit(cache=True)
-def _plain_list_norm_serial(plain, max_norm, eps, tiny, wide, witness):
+def _plain_norm_serial(plain, max_norm, eps, tiny, wide, witness):
     return _norm_and_clip(_reduce_serial, _update_serial, plain, max_norm, eps, tiny, wide, witness)
 
 
 @njit(cache=True)
-def _plain_list_norm_parallel(plain, max_norm, eps, tiny, wide, witness):
+def _plain_norm_parallel(plain, max_norm, eps, tiny, wide, witness):
     return _norm_and_clip(_reduce_parallel, _update_parallel, plain, max_norm, eps, tiny, wide, witness)
+
+
+@njit(cache=True)
+def _plain_nonfinite_serial(plain, witness):
+    return _count_nonfinite(_reduce_serial, plain, witness)
+
+
+@njit(cache=True)
+def _plain_nonfinite_parallel(plain, witness):
+    return _count_nonfinite(_reduce_parallel, plain, witness)
+
+
+@njit(cache=True)
+def _plain_update_serial(plain, op, bound, witness):
+    return _update_in_place(_update_serial, plain, op, bound, witness)
+
+
+@njit(cache=True)
+def _plain_update_parallel(plain, op, bound, witness):
+    return _update_in_place(_update_parallel, plain, op, bound, witness)
+
+
+NO_LIMIT = 1 << 62
+"""A ``size_limit`` that takes any list."""
+
+
+def _run_plain(serial, parallel, objects, dtype, required, any_of, size_limit, *args):
+    """The result of ``serial``, or of ``parallel`` for many elements; None unless one ran."""
+    if not (_header_layout_confirmed() and _list_layout_confirmed()):
+        return None
+    plain = (id(objects), id(np.ndarray), id(dtype), required, any_of)
+    status, result = serial((*plain, 0, PARALLEL_MIN), *args)
+    if status == OUT_OF_RANGE:
+        status, result = parallel((*plain, PARALLEL_MIN, size_limit), *args)
+    return result if status == RAN else None
 
 
 def plain_list_norm(objects, dtype, required, any_of, size_limit, max_norm, eps, tiny, wide, witness):
@@ -742,15 +808,28 @@ def plain_list_norm(objects, dtype, required, any_of, size_limit, max_norm, eps,
 
     ``wide``: ``dtype`` is float64-based; ``witness``: its kernel element type.
     """
-    if not (_header_layout_confirmed() and _list_layout_confirmed()):
-        return None
-    plain = (id(objects), id(np.ndarray), id(dtype), required, any_of)
-    status, total = _plain_list_norm_serial((*plain, 0, PARALLEL_MIN), max_norm, eps, tiny, wide, witness)
-    if status == OUT_OF_RANGE:
-        status, total = _plain_list_norm_parallel(
-            (*plain, PARALLEL_MIN, size_limit), max_norm, eps, tiny, wide, witness
-        )
-    return total if status == RAN else None
+    return _run_plain(
+        _plain_norm_serial, _plain_norm_parallel, objects, dtype, required, any_of, size_limit,
+        max_norm, eps, tiny, wide, witness,
+    )  # fmt: skip
+
+
+def plain_list_count_nonfinite(objects, dtype, required, any_of, witness):
+    """The non-finite elements of a plain list (as `plain_list_norm` takes it), or None."""
+    count = _run_plain(
+        _plain_nonfinite_serial, _plain_nonfinite_parallel, objects, dtype, required, any_of, NO_LIMIT, witness
+    )
+    return None if count is None else int(count)
+
+
+def plain_list_update(op, objects, dtype, required, any_of, bound, witness):
+    """`update_table`'s ``CLAMP`` or ``ZERO_NONFINITE`` on a plain list (as `plain_list_norm`
+    takes it): the elements changed, or None with nothing written."""
+    changed = _run_plain(
+        _plain_update_serial, _plain_update_parallel, objects, dtype, required, any_of, NO_LIMIT,
+        op, float(bound), witness,
+    )  # fmt: skip
+    return None if changed is None else int(changed)
 
 
 # ------------------------------------------------------------- accumulation

@@ -1,7 +1,8 @@
-"""The one-call path of grad_norm and clip_grad_norm_ (2-norm) for plain lists.
+"""The one-call paths for plain lists: grad_norm and clip_grad_norm_ (2-norm),
+all_finite, zero_nonfinite_ and clip_grad_value_.
 
 A list of distinct contiguous NumPy arrays of one dtype runs as a single compiled call
-(``_cpu.plain_list_norm``). Every test checks which path a call takes, then its results:
+(``_cpu.plain_list_norm`` and its siblings). Every test checks which path a call takes, then its results:
 against the independent references (float64 / exact sums, one rounding per element) and
 bit for bit against the general path, which a tuple of the same arrays takes. A call the
 one-call path declines must leave every array as it was.
@@ -15,8 +16,17 @@ import pytest
 import gradclip as gc
 from gradclip import _batch, _cpu
 from gradclip._kernels import cpu as kernels
-from helpers import DTYPES, assert_norm_close, assert_same_bits, dtype_id, dtypes, random_values, raises_with
-from reference import BFLOAT16, ref_clip_by_norm, ref_norm
+from helpers import (
+    DTYPES,
+    assert_norm_close,
+    assert_same_bits,
+    dtype_id,
+    dtypes,
+    random_values,
+    raises_with,
+    real_dtypes,
+)
+from reference import BFLOAT16, is_complex, ref_clamp, ref_clip_by_norm, ref_nonfinite_mask, ref_norm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -195,3 +205,82 @@ def test_other_norm_types_and_reducers_take_the_general_path(rng, monkeypatch):
     gc.grad_norm(leaves)
     gc.clip_grad_norm_(leaves, 1.0)
     assert len(calls) == 2
+
+
+# ------------------------------------------------ all_finite, zero_nonfinite_, clip_grad_value_
+
+sizes_by_name = pytest.mark.parametrize("sizes", [SMALL, LARGE], ids=["small", "large"])
+
+
+def with_nonfinite(dtype, sizes, rng):
+    """Leaves with NaN and inf scattered over a few of them (complex: in either part)."""
+    leaves = leaves_of(dtype, sizes, rng)
+    for i in range(0, len(leaves), 37):
+        x = leaves[i].reshape(-1)
+        for value, where in ((np.nan, 0), (-np.inf, x.size - 1), (np.inf, x.size // 2)):
+            x[where] = complex(1.0, value) if is_complex(dtype) and where else value
+    return leaves
+
+
+def zeroed_parts(x):
+    """``x`` with every non-finite real or imaginary part set to 0."""
+    out = x.copy()
+    parts = (out.real, out.imag) if is_complex(x.dtype) else (out,)
+    for part in parts:
+        with np.errstate(invalid="ignore"):
+            part[~np.isfinite(part.astype(np.float64))] = 0
+    return out
+
+
+@dtypes
+@sizes_by_name
+def test_all_finite_and_zero_nonfinite_take_one_call(dtype, sizes, rng):
+    leaves = with_nonfinite(dtype, sizes, rng)
+    expected_count = sum(int(ref_nonfinite_mask(x).sum()) for x in leaves)
+    assert expected_count > 0
+    plain = _batch.plain_list(leaves, writes=False)
+    assert _cpu.plain_list_count_nonfinite(leaves, plain) == expected_count
+    assert gc.all_finite(leaves) is False and gc.all_finite(tuple(leaves)) is False
+    before = copies(leaves)
+    general = copies(leaves)
+
+    assert _cpu.plain_list_zero_nonfinite_(leaves, _batch.plain_list(leaves, writes=True)) == expected_count
+    assert_same_leaves(leaves, [zeroed_parts(x) for x in before], "zeroed")
+    assert gc.zero_nonfinite_(tuple(general)) == expected_count
+    assert_same_leaves(leaves, general, "one-call vs general")
+    assert _cpu.plain_list_count_nonfinite(leaves, plain) == 0
+    assert gc.all_finite(leaves) is True
+    assert gc.zero_nonfinite_(leaves) == 0
+
+
+@real_dtypes
+@sizes_by_name
+def test_clip_grad_value_takes_one_call(dtype, sizes, rng):
+    leaves = leaves_of(dtype, sizes, rng, scale=2.0)
+    before = copies(leaves)
+    assert _cpu.plain_list_clamp_(leaves, _batch.plain_list(leaves, writes=True, real_only=True), 0.7)
+    assert_same_leaves(leaves, [ref_clamp(x, 0.7) for x in before], "clamped")
+    general = copies(before)
+    gc.clip_grad_value_(tuple(general), 0.7)
+    assert_same_leaves(leaves, general, "one-call vs general")
+    public = copies(before)
+    gc.clip_grad_value_(public, 0.7)
+    assert_same_leaves(public, general, "public")
+
+
+def test_clip_grad_value_declines_complex_read_only_and_infinite_bounds(rng, monkeypatch):
+    complex_leaves = leaves_of(np.complex64, [4, 5], rng)
+    assert _batch.plain_list(complex_leaves, writes=True, real_only=True) is None
+    with raises_with(TypeError, "complex"):
+        gc.clip_grad_value_(complex_leaves, 1.0)
+    a, b = leaves_of(np.float32, [4, 5], rng, scale=3.0)
+    b.flags.writeable = False
+    saved = copies([a, b])
+    assert not _cpu.plain_list_clamp_([a, b], _batch.plain_list([a, b], writes=True, real_only=True), 0.1)
+    assert_same_leaves([a, b], saved, "declined")
+    with raises_with(ValueError, "read-only"):
+        gc.clip_grad_value_([a, b], 0.1)
+    calls = []
+    monkeypatch.setattr(_cpu, "plain_list_clamp_", lambda *args: calls.append(args))
+    gc.clip_grad_value_([a], math.inf)  # never clips: the general path, which writes nothing
+    assert calls == []
