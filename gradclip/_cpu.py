@@ -98,9 +98,7 @@ def plain_list_norm(grads, plain, max_norm=math.inf, eps=0.0):
 
 def plain_list_count_nonfinite(grads, plain):
     """`count_nonfinite` of a plain list (see `plain_list_norm`) in one call, or None."""
-    if plain is None:
-        return None
-    return kernels.plain_list_count_nonfinite(grads, *plain, _table.witness(plain[0]))
+    return None if plain is None else kernels.plain_list_count_nonfinite(grads, *plain, _table.witness(plain[0]))
 
 
 def plain_list_clamp_(grads, plain, bound):
