@@ -191,16 +191,48 @@ def _narrow_impl(y, like):
     return None
 
 
-def _ordered(x):
-    """An element as a value that compares as the element does: float32 and float64 as
-    they are (comparing in float64 would halve the vector width), codes widened."""
+def _beyond(x, hi):
+    """Whether element ``x`` lies outside ``[-hi, hi]``, for a bound ``hi >= 0`` of the
+    element type (a NaN does not)."""
 
 
-@overload(_ordered)
-def _ordered_impl(x):
+def _clamped(x, hi, lo):
+    """``x`` clamped to ``[lo, hi]`` (``lo`` is ``-hi``); a NaN as it is."""
+
+
+# float32 and float64 compare as they are (in float64 they would use half the vector
+# width). A 16-bit code is compared by its magnitude bits, which order finite values
+# and inf as their values do (above inf's bits lie the NaNs); the sign bit picks the
+# side. Those integer operations run in 16-bit lanes, 5x faster than decoding each
+# element.
+
+
+def _code_inf(code):
+    return np.uint16(0x7C00 if code == types.uint16 else 0x7F80)  # float16's, bfloat16's
+
+
+@overload(_beyond)
+def _beyond_impl(x, hi):
     if isinstance(x, types.Float):
-        return lambda x: x
-    return lambda x: _widen(x)
+        return lambda x, hi: (x > hi) | (x < -hi)
+    if x in (types.uint16, types.int16):
+        inf = _code_inf(x)
+
+        def impl(x, hi):
+            magnitude = np.uint16(np.uint16(x) & np.uint16(0x7FFF))
+            return (magnitude > np.uint16(hi)) & (magnitude <= inf)
+
+        return impl
+    return None
+
+
+@overload(_clamped)
+def _clamped_impl(x, hi, lo):
+    if isinstance(x, types.Float):
+        return lambda x, hi, lo: hi if x > hi else (lo if x < lo else x)
+    if x in (types.uint16, types.int16):
+        return lambda x, hi, lo: (lo if np.uint16(x) >= np.uint16(0x8000) else hi) if _beyond(x, hi) else x
+    return None
 
 
 def _finite_or_zero(x):
@@ -225,9 +257,18 @@ def _times_impl(x, coef):
     return lambda x, coef: x * coef
 
 
-@njit
-def _isfinite(x):
-    return np.isfinite(x.real) and np.isfinite(x.imag)
+def _finite(x):
+    """Whether element ``x`` is finite (complex: both parts); a 16-bit code by its bits."""
+
+
+@overload(_finite)
+def _finite_impl(x):
+    if isinstance(x, (types.Float, types.Complex)):
+        return lambda x: np.isfinite(x.real) and np.isfinite(x.imag)
+    if x in (types.uint16, types.int16):
+        inf = _code_inf(x)
+        return lambda x: np.uint16(np.uint16(x) & np.uint16(0x7FFF)) < inf
+    return None
 
 
 # ------------------------------------------------------------ chunk kernels
@@ -279,7 +320,7 @@ def nonfinite_cpu(v):
     """Number of elements that are NaN or +-inf."""
     n = 0
     for i in range(v.size):
-        n += not _isfinite(_widen(v[i]))
+        n += not _finite(v[i])
     return n
 
 
@@ -306,21 +347,18 @@ def clamp_cpu_(v, bound):
     """
     hi = _narrow(bound, v)
     lo = _narrow(-bound, v)
-    hi_value = _ordered(hi)
     for start in range(0, v.size, CLAMP_BLOCK):
         block = v[start : start + CLAMP_BLOCK]
-        if _any_beyond(block, hi_value):
+        if _any_beyond(block, hi):
             for i in range(block.size):
-                x = _ordered(block[i])
-                block[i] = hi if x > hi_value else (lo if x < -hi_value else block[i])
+                block[i] = _clamped(block[i], hi, lo)
 
 
 @njit
-def _any_beyond(v, bound):
+def _any_beyond(v, hi):
     beyond = False
     for i in range(v.size):
-        x = _ordered(v[i])
-        beyond |= (x > bound) | (x < -bound)
+        beyond |= _beyond(v[i], hi)
     return beyond
 
 
@@ -329,9 +367,8 @@ def zero_nonfinite_cpu_(v):
     """Non-finite parts -> 0 (only those are written); returns the elements changed."""
     n = 0
     for i in range(v.size):
-        x = _widen(v[i])
-        if not _isfinite(x):
-            v[i] = _narrow(_finite_or_zero(x), v)
+        if not _finite(v[i]):
+            v[i] = _narrow(_finite_or_zero(_widen(v[i])), v)
             n += 1
     return n
 

@@ -10,7 +10,7 @@ import gradclip as gc
 from gradclip import _cpu
 from gradclip._kernels import cpu as kernels
 from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
-from reference import BFLOAT16, ref_scale, round_to
+from reference import BFLOAT16, ref_clamp, ref_nonfinite_mask, ref_scale, round_to
 
 ALL_16_BIT_PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
@@ -92,6 +92,27 @@ def test_rounding_in_the_vectorised_kernel_loop(half_dtype, rng):
         scaled = codes.copy()
         kernels.scale_cpu_(scaled, coef)
         assert_same_bits(scaled.view(half_dtype), ref_scale(codes.view(half_dtype), coef), f"scaled by {coef!r}")
+
+
+@HALF_DTYPES
+def test_half_codes_are_clamped_and_checked_by_their_bits(half_dtype):
+    """Clamping and the finite checks compare 16-bit codes as integers: every code, in
+    a vector loop, against the float64 references; NaN codes keep every bit."""
+    values = np.tile(ALL_16_BIT_PATTERNS, 3).view(half_dtype)  # full vectors and a tail
+    nonfinite = ref_nonfinite_mask(values)
+    nan = np.isnan(values.astype(np.float32))
+    for bound in (0.0, 2.0**-30, 1e-8, 0.7, 1.0, 3.5, 65504.0, 65520.0, 1e30, 3.4e38, 3.5e38):
+        clamped = values.copy()
+        gc.clip_grad_value_(clamped, bound)
+        assert_same_bits(clamped, ref_clamp(values, bound), f"clamped to {bound!r}")
+        assert (clamped.view(np.uint16)[nan] == values.view(np.uint16)[nan]).all(), "a NaN's bits changed"
+    assert kernels.nonfinite_cpu(values.view(_kernel_dtype(half_dtype))) == nonfinite.sum()
+    assert gc.all_finite(values) is False and gc.all_finite(values[~nonfinite]) is True
+    zeroed = values.copy()
+    assert gc.zero_nonfinite_(zeroed) == nonfinite.sum()
+    expected = values.view(np.uint16).copy()
+    expected[nonfinite] = 0
+    assert (zeroed.view(np.uint16) == expected).all()
 
 
 @HALF_DTYPES
