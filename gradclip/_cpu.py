@@ -15,12 +15,18 @@ _TINY = 2.0**-900
 """A float64 sum below this may have lost bits to underflow."""
 
 
-def _run(op, batch, out, p=2.0, leaf_arg=None, leaf_mask=None):
+def _tables(batch, leaf_mask=None):
+    """The non-empty tables of ``batch``, cut to the leaves where ``leaf_mask`` holds."""
     for table in batch.tables:
         if leaf_mask is not None:
             table = table.select(leaf_mask)
         if table.size:
-            kernels.reduce_table(op, table, out, p, leaf_arg)
+            yield table
+
+
+def _run(op, batch, out, p=2.0, leaf_arg=None, leaf_mask=None):
+    for table in _tables(batch, leaf_mask):
+        kernels.reduce_table(op, table, out, p, leaf_arg)
 
 
 def leaf_norms(batch, p):
@@ -123,12 +129,7 @@ LOOKUP_MIN = 1 << 20
 def scale_(batch, coef):
     """Multiply every element of unique leaf ``u`` by ``coef[u]``; leaves with 1 are not touched."""
     scaled = coef != 1.0
-    leaf_mask = None if scaled.all() else scaled
-    for table in batch.tables:
-        if leaf_mask is not None:
-            table = table.select(leaf_mask)
-        if not table.size:
-            continue
+    for table in _tables(batch, None if scaled.all() else scaled):
         coefs = coef[table.seg_leaf]
         if table.witness.itemsize == 2 and table.size >= LOOKUP_MIN and (coefs == coefs[0]).all():
             kernels.look_up_table(table, kernels.scaled_codes(_all_codes(table.witness.dtype), float(coefs[0])))
@@ -157,8 +158,4 @@ def zero_nonfinite_(batch):
 
 
 def _update(op, batch, bound=0.0):
-    changed = 0
-    for table in batch.tables:
-        if table.size:
-            changed += kernels.update_table(op, table, bound=bound)
-    return changed
+    return sum(kernels.update_table(op, table, bound=bound) for table in _tables(batch))

@@ -212,6 +212,12 @@ def _code_inf(code):
     return np.uint16(0x7C00 if code == types.uint16 else 0x7F80)  # float16's, bfloat16's
 
 
+@njit
+def _magnitude_bits(code):
+    """A 16-bit code's bits without its sign."""
+    return np.uint16(np.uint16(code) & np.uint16(0x7FFF))
+
+
 @overload(_beyond)
 def _beyond_impl(x, hi):
     if isinstance(x, types.Float):
@@ -220,8 +226,8 @@ def _beyond_impl(x, hi):
         inf = _code_inf(x)
 
         def impl(x, hi):
-            magnitude = np.uint16(np.uint16(x) & np.uint16(0x7FFF))
-            return (magnitude > np.uint16(hi)) & (magnitude <= inf)
+            magnitude = _magnitude_bits(x)
+            return (magnitude > _magnitude_bits(hi)) & (magnitude <= inf)
 
         return impl
     return None
@@ -268,7 +274,7 @@ def _finite_impl(x):
         return lambda x: np.isfinite(x.real) and np.isfinite(x.imag)
     if x in (types.uint16, types.int16):
         inf = _code_inf(x)
-        return lambda x: np.uint16(np.uint16(x) & np.uint16(0x7FFF)) < inf
+        return lambda x: _magnitude_bits(x) < inf
     return None
 
 
