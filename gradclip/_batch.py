@@ -22,7 +22,7 @@ class Batch:
     unique_of : int64 array, the unique leaf at each position.
     tables : list of ``_table.Table``, one per dtype.
     originals : the caller's leaf objects, one per unique leaf.
-    cuda : None, or the GPU leaves (``_cuda.Leaves``); their entries in ``arrays``
+    cuda : None, or the GPU leaves (a ``_cuda.Part``); their entries in ``arrays``
         are empty placeholders, which the CPU kernels skip.
     """
 
@@ -39,7 +39,12 @@ class Batch:
     def copy(self):
         """The same leaves as fresh writable arrays (for the out-of-place functions)."""
         arrays = [np.array(array, copy=True) for array in self.arrays]
-        return Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals, self.cuda)
+        copied = Batch(self.treedef, arrays, self.unique_of, tables(arrays), self.originals)
+        if self.cuda:  # the GPU leaves' copies replace their placeholders after the tables are made
+            copied.cuda, results = _cuda.copy(self)
+            for u, result in zip(self.cuda.unique.tolist(), results):
+                arrays[u] = result
+        return copied
 
     def rebuild(self, owned=True):
         """The leaves in the caller's structure and framework (`_dispatch.like`): NumPy
@@ -56,17 +61,29 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
     repeated elements). ``real_only``: complex leaves are refused. ``cuda``: the
     caller handles GPU leaves (``Batch.cuda``); otherwise they are refused.
     """
-    if type(grads) is list:  # a flat list of arrays (or of tensors), most likely: no walk needed
+    if type(grads) is list and grads and not _dispatch.on_cuda(grads[0]):
+        # a flat list of arrays (or of tensors), most likely: no walk needed
         batch = _collect_plain_or_torch(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
         if batch is not None:
             return batch
-    leaves, treedef = _tree.flatten(grads)
+    if type(grads) is list and cuda and grads:
+        leaves, treedef = grads, None  # the treedef is needed only if the plan is not reused
+    else:
+        leaves, treedef = _tree.flatten(grads)
+    if cuda and leaves and _dispatch.on_cuda(leaves[0]):
+        batch = _reuse(leaves, treedef, grads, writes, real_only)
+        if batch is not None:
+            return batch
+        if treedef is None:
+            leaves, treedef = _tree.flatten(grads)
+    elif treedef is None:
+        leaves, treedef = _tree.flatten(grads)
     batch = _collect_plain_or_torch(leaves, treedef, writes, real_only)
     if batch is not None:
         return batch
     index = {}
     arrays, originals, unique_of = [], [], []
-    gpu_unique, gpu_leaves = [], []
+    gpu_unique, gpu_leaves, gpu_positions = [], [], []
     for position, leaf in enumerate(leaves):
         unique = index.get(id(leaf))
         if unique is None:
@@ -86,8 +103,29 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
             arrays.append(array)
             originals.append(leaf)
         unique_of.append(unique)
-    gpu = _cuda.Leaves(gpu_unique, gpu_leaves, len(gpu_leaves) < len(arrays)) if gpu_leaves else None
-    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables(arrays), originals, gpu)
+    unique_of = np.array(unique_of, dtype=np.int64)
+    gpu = None
+    if gpu_leaves:
+        gpu_index = np.full(len(arrays), -1, np.int64)
+        gpu_index[gpu_unique] = np.arange(len(gpu_unique))
+        positions = gpu_index[unique_of]
+        mixed = len(gpu_leaves) < len(arrays)
+        gpu = _cuda.part(gpu_leaves, gpu_unique, positions[positions >= 0], mixed, None if mixed else (leaves, unique_of))
+    return Batch(treedef, arrays, unique_of, tables(arrays), originals, gpu)
+
+
+def _reuse(leaves, treedef, grads, writes, real_only):
+    """The Batch of a call whose GPU leaves are those of a recent call (`_cuda.cached`), if
+    its plan allows this call (writable leaves for ``writes``, real ones for
+    ``real_only``); else None, and the general path decides (and names any error)."""
+    gpu = _cuda.cached(leaves)
+    if gpu is None or (writes and not gpu.plan.writable) or (real_only and not gpu.plan.real):
+        return None
+    plan = gpu.plan
+    if treedef is None:
+        treedef = _tree.list_of_leaves(len(leaves))
+    originals = leaves if plan.first_positions is None else [leaves[i] for i in plan.first_positions]
+    return Batch(treedef, [_GPU_PLACEHOLDER] * len(originals), plan.unique_of, [], originals, gpu)
 
 
 _GPU_PLACEHOLDER = np.empty(0)

@@ -155,6 +155,39 @@ def jax_traced(where, leaf):
     )
 
 
+def lazy_tensor(where):
+    return TypeError(
+        f"{where()} is a torch tensor with its conjugate or negative bit set (a lazy view whose "
+        "memory holds other values); pass tensor.resolve_conj().resolve_neg()"
+    )
+
+
+def unsupported_torch_dtype(where, dtype):
+    return TypeError(
+        f"{where()} has dtype {dtype}; expected one of {', '.join(SUPPORTED_DTYPES)} "
+        "(convert it, e.g. with .float())"
+    )
+
+
+def requires_grad(where, function):
+    return ValueError(
+        f"{where()} is a torch tensor that requires grad, and {function} writes in place, which "
+        "torch refuses for such tensors; pass its .grad, or tensor.detach() to write through "
+        "autograd's back"
+    )
+
+
+def total_norm_shape(shape):
+    return ValueError(f"total_norm is a device array of shape {shape}; expected one element (a 0-d array)")
+
+
+def total_norm_dtype(dtype):
+    return TypeError(
+        f"total_norm is a device array of dtype {dtype}; expected a floating dtype (convert it, "
+        "e.g. with .astype(np.float64))"
+    )
+
+
 def bfloat16_needs_ml_dtypes(where):
     return ImportError(
         f"{where()} is a bfloat16 tensor, which gradclip reads as an ml_dtypes.bfloat16 NumPy array, "

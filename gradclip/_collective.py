@@ -15,7 +15,7 @@ it with its flag up, then raises its own error; the other ranks raise
 
 import numpy as np
 
-from . import _checks, _cpu, _cuda, _tree
+from . import _backend, _checks, _cpu, _tree
 
 
 class Collective:
@@ -53,7 +53,7 @@ class Collective:
         every rank holds whole; they count once, with rank 0's values. GPU leaves'
         norms are copied to the host (this synchronises).
         """
-        norms = _cuda.host_norms(batch, p) if batch.cuda else _cpu.leaf_norms(batch, p)
+        norms = _backend.host_leaf_norms(batch, p)
         shared = None if replicated is None else _replicated_mask(batch, replicated)
         if self._reducer is None:
             return _cpu.total_norm(norms, p)

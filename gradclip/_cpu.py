@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from . import _table
+from . import _batch, _table
 from ._kernels import cpu as kernels
 
 _TINY = 2.0**-900
@@ -143,6 +143,13 @@ def _all_codes(dtype):
     return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
 
 
+def fill_(batch, value):
+    """Set every element of every CPU leaf to ``value``."""
+    for table in _tables(batch):
+        for u in np.unique(table.seg_leaf).tolist():
+            batch.arrays[u].fill(value)
+
+
 def clamp_(batch, bound):
     _update(kernels.CLAMP, batch, bound=bound)
 
@@ -159,3 +166,121 @@ def zero_nonfinite_(batch):
 
 def _update(op, batch, bound=0.0):
     return sum(kernels.update_table(op, table, bound=bound) for table in _tables(batch))
+
+
+# ------------------------------------------------------------ GradAccumulator
+
+
+_ALIGN = 64
+"""Each position's buffer starts on a multiple of this many bytes of the one allocation."""
+
+
+class Accumulation:
+    """`GradAccumulator`'s buffers in host memory: one allocation, one dense run per
+    position, in the accumulator dtype. Element ``k`` of a position's walk (in the window's
+    ``orders``, ``_table.traversal``) is at its buffer's element ``k``; the results are views
+    with the positions' shapes and strides that follow the same walk
+    (``_table.dense_view``), so a transposed grad gets a transposed-looking result."""
+
+    on_gpu = False
+
+    def __init__(self, window, leaves, saved=None):
+        self.orders, self.accumulators, self.sizes = window.orders, window.accumulators, window.sizes
+        ends = np.cumsum([_ALIGN * -(-n * acc.itemsize // _ALIGN) for n, acc in zip(self.sizes, self.accumulators)])
+        arena = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        self.flats = [
+            arena[start : start + n * acc.itemsize].view(acc)
+            for start, n, acc in zip(starts.tolist(), self.sizes.tolist(), self.accumulators)
+        ]
+        self.views = [
+            _table.dense_view(flat, 0, shape, order) for flat, shape, order in zip(self.flats, window.shapes, self.orders)
+        ]
+        self.address = arena.ctypes.data + starts
+        if saved is not None:
+            for flat, values in zip(self.flats, saved):
+                flat[...] = values
+        positions = np.arange(len(self.flats))
+        self.batch = _batch.Batch(window.treedef, self.flats, positions, _batch.tables(self.flats), self.flats)
+        self.layouts = None  # `_layouts` of the last micro-batch whose every leaf followed `orders`
+        self.pinned = None  # and its dtype objects, whose addresses `layouts` holds
+        self.current = None  # `_layouts` of the micro-batch being added
+
+    def fits(self, leaves):
+        """Whether ``leaves`` have the layouts of an earlier micro-batch (then their shapes and
+        dtypes need no check)."""
+        self.current = _layouts(leaves)
+        return _same(self.current, self.layouts)
+
+    def finite(self, batch, leaves):
+        return count_nonfinite(batch) == 0
+
+    def add(self, batch, leaves, first):
+        """Accumulate ``leaves`` (one array per position, those of ``batch``) into the buffers."""
+        identity = len(batch.arrays) == len(batch.unique_of)
+        layouts = self.current if self.current is not None else _layouts(leaves)
+        sources, tables = leaves, batch.tables
+        if not _same(layouts, self.layouts):
+            sources = [self._in_buffer_order(p, a) for p, a in enumerate(leaves)]
+            if all(s is a for s, a in zip(sources, leaves)):
+                self.layouts = layouts
+                self.pinned = [a.dtype for a in leaves]  # their addresses stay theirs
+            else:
+                identity = False
+        self.current = None
+        if not identity:  # a repeated array, or copies: rows per position
+            tables = _batch.tables(sources)
+        for table in tables:
+            if table.size:
+                acc = self.accumulators[table.seg_leaf[0]]
+                kernels.accumulate_table(table, self._dst_rows(table, sources), _table.witness(acc), first)
+
+    def _in_buffer_order(self, position, array):
+        """``array``, or a copy of it that walks in the order of the position's buffer (also
+        made where a zero stride repeats elements: the kernels take steps >= 1)."""
+        order = self.orders[position]
+        if _table.traversal(array) == order and all(s or n == 1 for n, s in zip(array.shape, array.strides)):
+            return array
+        copy = _table.dense_view(np.empty(array.size, array.dtype), 0, array.shape, order)
+        copy[...] = array
+        return copy
+
+    def _dst_rows(self, table, sources):
+        """Where each row of ``table`` lands: its leaf's buffer, after the leaf's earlier rows."""
+        leaf = table.seg_leaf
+        dst = self.address[leaf]
+        split = np.flatnonzero(table.count != self.sizes[leaf])  # leaves of several rows
+        if split.size:
+            for position in np.unique(leaf[split]).tolist():
+                rows = np.flatnonzero(leaf == position)
+                itemsize = self.accumulators[position].itemsize
+                dst[rows] += _table.dense_offsets(sources[position]) * itemsize
+        return dst
+
+    def result(self, coef, copy, shapes):
+        """The window's result, one array per position: new arrays (``copy``), or views of the
+        buffers, scaled by ``coef`` (in place, for views)."""
+        if copy:
+            out = _batch.Batch(self.batch.treedef, self.views, self.batch.unique_of, [], self.views).copy()
+            if coef != 1.0:
+                scale_(out, np.full(len(out.arrays), coef))
+            return out.arrays
+        if coef != 1.0:
+            scale_(self.batch, np.full(len(self.flats), coef))
+        return self.views
+
+    def snapshot(self):
+        """The buffers as new host arrays, one per position."""
+        return [flat.copy() for flat in self.flats]
+
+
+def _layouts(arrays):
+    """Something equal for two lists of arrays with the same dtypes, shapes and strides."""
+    layouts = kernels.array_layouts(arrays)  # one kernel call for many arrays
+    return [(a.dtype, a.shape, a.strides) for a in arrays] if layouts is None else layouts
+
+
+def _same(layouts, other):
+    if isinstance(layouts, np.ndarray) and isinstance(other, np.ndarray):
+        return layouts.size == other.size and bool((layouts == other).all())
+    return type(layouts) is type(other) and layouts == other

@@ -1,99 +1,200 @@
-"""Norms, scaling, clamping and finite checks of a ``Batch`` with GPU leaves.
+"""The GPU twin of ``_cpu``: norms, scaling, clamping and finite checks of a ``Batch``'s GPU leaves.
 
-The counterpart of ``_cpu``. Numba's CUDA modules (and CuPy) are imported only
-when the first GPU leaf arrives.
+Numba's CUDA modules (and CuPy, torch) are imported only when a GPU leaf arrives.
 
-A call's GPU leaves are described once (`DeviceLeaf`) and planned once
-(`_Plan`): a ``meta`` table with one row per leaf (rows grouped by dtype, empty
-leaves last), copied to the device, and launches of up to ``SLOTS`` consecutive
-rows. Each pass is ``ceil(leaves / SLOTS)`` launches per dtype plus one
-finishing launch, and its results stay in device memory:
+A call's GPU leaves (`DeviceLeaf`, one per unique leaf) are planned once (`Plan`):
+one row per leaf, the rows of a dtype forming a *group* with one view spanning all
+their memory, cut into chunks (see ``kernels/cuda.py``). The plan's tables go to the
+device once, with its scratch; its launches are prepared once (`_Launcher`). A pass
+is one launch per group, and a norm one more (``finish_cuda``). Plans are cached
+(`_PLANS`) by the identity of the call's leaves and its stream, so a later call with
+the same leaves copies nothing to the device and allocates nothing but its result.
 
-- norms: one pass for float32 and narrower (and complex64) with p = 1 or 2;
-  a max-abs pass then a scaled pass (the peak read from device memory) for
-  float64 / complex128 and for any other p (no spurious overflow or underflow);
-  p = inf is the max-abs pass alone;
-- ``clip_grad_norm_``: the scale kernel reads the total from device memory and
-  decides there, so nothing is copied to the host.
+Work goes on the caller's stream: ``torch.cuda.current_stream()`` for torch tensors,
+CuPy's current stream for CuPy arrays, a Numba array's own stream, and the ``stream``
+that other producers declare in ``__cuda_array_interface__``. Leaves of one call on
+other streams are joined to it (the call's stream waits for theirs, and theirs for it
+after a write).
 
-Leaves of one call on the GPU and on the CPU are reduced apart and combined on
-the host (this synchronises); so is the bool of ``all_finite``.
-
-The stateful tools' helpers close the module: `Accumulation` (GradAccumulator's
-device buffers), AGC's `units` (a unit is a row of the plan) and `multiply_`, and
-`multiplied` (norm_penalty's direction).
+The operations are twins of ``_cpu``'s, over the same ``Batch``: values indexed by
+unique leaf, results in device memory (float64 arrays of the first leaf's kind:
+torch in, torch out; CuPy in, CuPy out; Numba arrays otherwise), so that nothing
+synchronises unless a host value is asked for.
 """
 
+import collections
 import ctypes
+import functools
 import importlib
 import math
+import sys
+import threading
+import weakref
 
 import numpy as np
 
-from . import _checks, _cpu, _table
+from . import _checks, _table
 
-_STREAM_DEFAULT = 0
+_PLANS_KEPT = 16
+"""Plans kept for reuse (most recently used first)."""
 
 
+@functools.cache
 def _cuda():
     """``numba.cuda``, or an ImportError that names the extra to install."""
     try:
         importlib.import_module("numba_cuda")
+        if not hasattr(np, "row_stack"):
+            # numba-cuda <= 0.30 registers an overload of np.row_stack, which NumPy 2.5
+            # removed (an alias of vstack): without it no kernel compiles
+            np.row_stack = np.vstack
         from numba import cuda
     except ImportError as error:
         raise _checks.cuda_missing(error) from None
     return cuda
 
 
-def _simulated():
+@functools.cache
+def simulated():
+    """Whether kernels run on numba-cuda's simulator (device memory is host memory)."""
     from numba.cuda.core import config
 
     return bool(config.ENABLE_CUDASIM)
 
 
+@functools.cache
 def _kernels():
+    _cuda()
     from ._kernels import cuda as kernels
 
     return kernels
 
 
+# ------------------------------------------------------------------------ leaves
+
+
 class DeviceLeaf:
-    """A GPU leaf: its memory (``ptr``, ``shape``, byte ``strides``), dtype and owner."""
+    """A GPU leaf: its memory (``ptr``, ``shape``, byte ``strides``), dtype, device and owner.
 
-    __slots__ = ("obj", "kind", "ptr", "shape", "strides", "dtype", "itemsize", "readonly", "stream")
+    ``kind`` is the owner's framework: ``"torch"``, ``"cupy"``, ``"numba"`` (Numba's and
+    the simulator's device arrays) or ``"foreign"`` (another ``__cuda_array_interface__``
+    producer, which declares its ``stream``). A DeviceLeaf is itself a CUDA array (it has
+    the interface), so parts of a leaf (`part`) travel wherever leaves do.
+    """
 
-    def __init__(self, obj, kind):
-        cuda = _cuda()
-        interface = getattr(obj, "__cuda_array_interface__", None)
-        if interface is None:  # the simulator's arrays: host memory behind a CUDA array's API
-            interface = obj.__array_interface__
-        self.obj, self.kind = obj, kind
-        self.ptr, self.readonly = interface["data"]
-        self.shape = tuple(interface["shape"])
-        dtype = getattr(obj, "dtype", None)  # Numba and CuPy arrays know bfloat16's name
-        self.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(interface["typestr"])
-        self.itemsize = self.dtype.itemsize
-        strides = interface.get("strides")
-        self.strides = tuple(strides) if strides is not None else _c_strides(self.shape, self.itemsize)
-        stream = interface.get("stream")
-        if kind == "numba":
-            self.stream = getattr(obj, "stream", _STREAM_DEFAULT)
-        elif stream and not _simulated():
-            self.stream = cuda.external_stream(stream)
-        else:
-            self.stream = _STREAM_DEFAULT
+    __slots__ = ("obj", "kind", "ptr", "shape", "strides", "dtype", "device", "readonly", "stream", "__weakref__")
+
+    def __init__(self, obj, kind, ptr, shape, strides, dtype, device, readonly=False, stream=None):
+        self.obj, self.kind, self.ptr = obj, kind, ptr
+        self.shape, self.strides, self.dtype = shape, strides, dtype
+        self.device, self.readonly, self.stream = device, readonly, stream
+
+    @property
+    def itemsize(self):
+        return self.dtype.itemsize
 
     @property
     def size(self):
         return math.prod(self.shape)
 
+    @property
+    def __cuda_array_interface__(self):
+        return {
+            "shape": self.shape,
+            "strides": self.strides,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, self.readonly),
+            "version": 3,
+        }
+
+    def described(self):
+        """This leaf's description without its owner (what a cached plan may hold: it must not
+        keep the caller's arrays alive)."""
+        return DeviceLeaf(
+            None, self.kind, self.ptr, self.shape, self.strides, self.dtype, self.device, self.readonly, self.stream
+        )
+
     def part(self, offset, shape, strides):
         """The sub-array at byte ``offset`` with ``shape`` and byte ``strides``, of the same owner."""
-        part = DeviceLeaf.__new__(DeviceLeaf)
-        for name in ("obj", "kind", "dtype", "itemsize", "readonly", "stream"):
-            setattr(part, name, getattr(self, name))
-        part.ptr, part.shape, part.strides = self.ptr + offset, tuple(shape), tuple(strides)
-        return part
+        return DeviceLeaf(
+            self.obj, self.kind, self.ptr + offset, tuple(shape), tuple(strides), self.dtype, self.device,
+            self.readonly, self.stream,
+        )
+
+
+def describe(leaf, where):
+    """The `DeviceLeaf` of a CUDA array: a torch tensor, a CuPy array, a Numba device array
+    or any ``__cuda_array_interface__`` producer."""
+    if type(leaf) is DeviceLeaf:
+        return leaf
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(leaf, torch.Tensor):
+        return _describe_tensor(torch, leaf, where)
+    if type(leaf).__module__.startswith("cupy"):
+        return DeviceLeaf(
+            leaf, "cupy", leaf.data.ptr, leaf.shape, leaf.strides, leaf.dtype, leaf.device.id
+        )
+    if hasattr(leaf, "__cuda_ndarray__"):  # Numba's device arrays, the simulator's too
+        interface = _interface(leaf)
+        return _from_interface(leaf, "numba", interface, leaf.dtype, getattr(leaf, "stream", 0))
+    interface = leaf.__cuda_array_interface__
+    return _from_interface(leaf, "foreign", interface, np.dtype(interface["typestr"]), interface.get("stream"))
+
+
+def _interface(array):
+    if simulated():  # the simulator's arrays are host memory behind a CUDA array's API
+        return array.__array_interface__
+    return array.__cuda_array_interface__
+
+
+def _from_interface(obj, kind, interface, dtype, stream):
+    ptr, readonly = interface["data"]
+    shape = tuple(interface["shape"])
+    strides = interface.get("strides")
+    strides = tuple(strides) if strides is not None else _c_strides(shape, dtype.itemsize)
+    return DeviceLeaf(obj, kind, ptr, shape, strides, dtype, _device_of(ptr), bool(readonly), stream)
+
+
+def _device_of(ptr):
+    """The ordinal of the device holding ``ptr`` (the current one if it cannot tell)."""
+    if simulated() or not ptr:
+        return 0
+    from cuda.bindings import driver
+
+    error, ordinal = driver.cuPointerGetAttribute(driver.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr)
+    return int(ordinal) if error == driver.CUresult.CUDA_SUCCESS else 0
+
+
+def _describe_tensor(torch, tensor, where):
+    if tensor.is_conj() or tensor.is_neg():
+        raise _checks.lazy_tensor(where)
+    dtype = _torch_dtype(torch, tensor.dtype, where)
+    itemsize = dtype.itemsize
+    leaf = DeviceLeaf(
+        tensor, "torch", tensor.data_ptr(), tuple(tensor.shape), tuple(s * itemsize for s in tensor.stride()),
+        dtype, tensor.device.index,
+    )
+    leaf.readonly = bool(tensor.requires_grad)  # torch refuses in-place writes into such tensors
+    return leaf
+
+
+def _torch_dtype(torch, dtype, where):
+    known = {
+        torch.float16: np.float16,
+        torch.float32: np.float32,
+        torch.float64: np.float64,
+        torch.complex64: np.complex64,
+        torch.complex128: np.complex128,
+    }
+    if dtype in known:
+        return np.dtype(known[dtype])
+    if dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise _checks.bfloat16_needs_ml_dtypes(where) from None
+        return np.dtype(ml_dtypes.bfloat16)
+    raise _checks.unsupported_torch_dtype(where, dtype)
 
 
 def _c_strides(shape, itemsize):
@@ -110,6 +211,8 @@ def check(leaf, where, function, writes, real_only):
     if real_only:
         _checks.check_real(where, leaf.dtype, function)
     if writes and leaf.readonly:
+        if leaf.kind == "torch":
+            raise _checks.requires_grad(where, function)
         _checks.raise_read_only(where, function)
     if leaf.ptr % leaf.itemsize:
         _checks.raise_unaligned(where, leaf.dtype)
@@ -118,156 +221,195 @@ def check(leaf, where, function, writes, real_only):
         _checks.check_no_overlap(where, leaf, function)
 
 
-class Leaves:
-    """The GPU part of a ``Batch``: ``unique`` ids (into ``Batch.arrays``) and their `DeviceLeaf`."""
-
-    __slots__ = ("unique", "leaves", "mixed", "_plan")
-
-    def __init__(self, unique, leaves, mixed):
-        self.unique = np.asarray(unique, dtype=np.int64)
-        self.leaves = leaves
-        self.mixed = mixed  # CPU leaves in the same call
-        self._plan = None
-
-    def plan(self):
-        if self._plan is None:
-            self._plan = _Plan(self.leaves)
-        return self._plan
+# ----------------------------------------------------------------------- streams
 
 
-# ---------------------------------------------------------------- planning
+def _stream_of(leaf):
+    """The handle of the stream ``leaf``'s work goes on (0: the legacy default stream)."""
+    if leaf.kind == "torch":
+        return _torch_stream(leaf.device)
+    if leaf.kind == "cupy":
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+    stream = leaf.stream
+    if not stream:  # none declared: no ordering asked for
+        return 0
+    if isinstance(stream, int):  # 1 and 2 are the legacy and per-thread default streams' handles too
+        return stream
+    if simulated():  # the simulator's streams have no handle
+        return id(stream)
+    handle = getattr(stream, "handle", stream)  # a Numba stream
+    return int(getattr(handle, "value", handle) or 0)
+
+
+def _torch_stream(device):
+    """``torch.cuda.current_stream(device).cuda_stream``, without making a Stream object."""
+    torch = sys.modules["torch"]
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# ---------------------------------------------------------------------- launches
+
+
+class _Buffer:
+    """1-d, contiguous memory of one dtype for a kernel argument: ``ptr``, ``n`` elements,
+    and the object that owns it (kept alive)."""
+
+    __slots__ = ("ptr", "n", "dtype", "owner")
+
+    def __init__(self, ptr, n, dtype, owner=None):
+        self.ptr, self.n, self.dtype, self.owner = ptr, n, np.dtype(dtype), owner
+
+    def kernel_array(self):
+        """The argument as the simulator's kernels take it: a device array over this memory."""
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        nbytes = self.n * self.dtype.itemsize
+        memory = (ctypes.c_char * max(nbytes, 1)).from_address(self.ptr)
+        return FakeCUDAArray(np.frombuffer(memory, dtype=self.dtype, count=self.n))
+
+    def abi(self):
+        """Numba's arguments for a 1-d C-contiguous array: meminfo, parent, size,
+        itemsize, data, shape, stride."""
+        itemsize = self.dtype.itemsize
+        return (0, 0, self.n, itemsize, self.ptr, self.n, itemsize)
+
+
+def _address(array):
+    """Where a Numba (or simulator) device array's data starts."""
+    if simulated():
+        return array._ary.__array_interface__["data"][0]
+    return array.device_ctypes_pointer.value or 0
+
+
+def _buffer_of(array):
+    return _Buffer(_address(array), array.size, array.dtype, array)
+
+
+class _Launcher:
+    """Launches of the pass kernels ``(data, out, table, scratch, group, a, b, c)`` and of
+    ``finish_cuda`` on one stream.
+
+    On a GPU each kernel is compiled once per signature and launched through
+    ``cuda.core`` with its arguments marshalled as Numba marshals them; the arrays'
+    part is made once per plan and group. On the simulator the kernels are called as
+    numba-cuda calls them.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._core_stream = None if simulated() else _core_stream(stream)
+
+    def launch(self, kernel, grid, threads, arrays, scalars):
+        """``kernel`` on ``grid`` blocks of ``threads``: ``arrays`` are `_Buffer`s, ``scalars``
+        ``(value, "i8" | "f8")`` pairs."""
+        _LAUNCHES.record(kernel)
+        shared = threads * 8
+        if self._core_stream is None:  # the simulator
+            args = [b.kernel_array() for b in arrays] + [v for v, _ in scalars]
+            kernel[grid, threads, 0, shared](*args)
+            return
+        compiled, args = self.marshalled(kernel, arrays, scalars)
+        compiled.launch(self._core_stream, grid, threads, shared, args)
+
+    @staticmethod
+    def marshalled(kernel, arrays, scalars):
+        """The compiled ``kernel`` for these arguments' types, and the arguments as Numba
+        passes them to the driver."""
+        compiled = _compiled(kernel, tuple(b.dtype for b in arrays), tuple(t for _, t in scalars))
+        args = [value for b in arrays for value in b.abi()]
+        args += [ctypes.c_int64(v) if t == "i8" else ctypes.c_double(v) for v, t in scalars]
+        return compiled, args
+
+    def wait_for(self, handle):
+        """Make this stream wait for the work queued so far on stream ``handle``."""
+        if not simulated():
+            self._core_stream.wait(_core_stream(handle))
+
+    def then(self, handle):
+        """Make stream ``handle`` wait for the work queued so far on this one."""
+        if not simulated():
+            _core_stream(handle).wait(self._core_stream)
+
+
+class _LaunchLog:
+    """The names of the kernels launched while ``names`` is a list (tests and the host-cost
+    bench set it)."""
+
+    names = None
+
+    def record(self, kernel):
+        if self.names is not None:
+            function = getattr(kernel, "py_func", None) or kernel.fn  # a dispatcher, or the simulator's kernel
+            self.names.append(function.__name__)
+
+
+_LAUNCHES = _LaunchLog()
+
+
+@functools.cache
+def _core_stream(handle):
+    from cuda.core import Stream
+
+    return Stream.from_handle(handle)
+
+
+class _Compiled:
+    """A kernel compiled for one signature, with the ``cuda.core`` kernel to launch."""
+
+    def __init__(self, kernel):
+        from cuda.core import LaunchConfig, launch
+
+        # numba-cuda keeps the loaded module's function in its code library; its
+        # ``kernel`` is the cuda.core object that cuda.core's launch takes
+        self.kernel = kernel._codelibrary.get_cufunc().kernel
+        self._config, self._launch = LaunchConfig, launch
+        self._configs = {}
+
+    def launch(self, stream, grid, threads, shared, args):
+        config = self._configs.get((grid, threads))
+        if config is None:
+            config = self._configs[(grid, threads)] = self._config(grid=grid, block=threads, shmem_size=shared)
+        self._launch(stream, config, self.kernel, *args)
+
+
+@functools.cache
+def _compiled(kernel, array_dtypes, scalar_types):
+    from numba.cuda import types
+    from numba.cuda.np.numpy_support import from_dtype
+
+    signature = tuple(types.Array(from_dtype(d), 1, "C") for d in array_dtypes)
+    signature += tuple(types.int64 if t == "i8" else types.float64 for t in scalar_types)
+    return _Compiled(kernel.compile(signature))
+
+
+# ------------------------------------------------------------------------- plans
 
 
 def _walk(leaf, order=None):
-    """``(base address, extent, offset, [(length, step), ...] innermost first)``: where the
-    memory the leaf spans starts, its extent and the position of the walk's first element
-    in it, and the walk's axes, all in elements but the address. ``order``: the
-    `_table.traversal` to walk the leaf in, its own by default (then every step is >= 0
-    and the offset 0); steps are negative where ``order`` runs against the leaf's strides."""
+    """``(base address, offset, [(length, step), ...] innermost first)``: where the memory
+    the leaf spans starts, the position of the walk's first element in it, and the walk's
+    axes, in elements but the address. ``order``: the `_table.traversal` to walk the leaf
+    in, its own by default (then every step is >= 0 and the offset 0); steps are negative
+    where ``order`` runs against the leaf's strides. A leaf of one element has one axis
+    of length 1."""
+    itemsize = leaf.itemsize
     if order is None:
+        if leaf.strides == _c_strides(leaf.shape, itemsize):  # the common case, fast
+            return leaf.ptr, 0, [(leaf.size, 1)]
         axes = _table._axes(leaf)  # (axis, length, |stride|, flipped)
     else:
         axes = [(a, leaf.shape[a], -leaf.strides[a] if flipped else leaf.strides[a], flipped) for a, flipped in order]
-    if not axes:  # one element
-        return leaf.ptr, 1, 0, []
+    if not axes:
+        return leaf.ptr, 0, [(1, 1)]
     start = leaf.ptr - sum((n - 1) * s for _, n, s, flipped in axes if flipped)
-    merged = [(n, s // leaf.itemsize) for n, s in _table._merged(axes)]
+    merged = [(n, s // itemsize) for n, s in _table._merged(axes)]
     low = sum((n - 1) * s for n, s in merged if s < 0)
-    return start + low * leaf.itemsize, 1 + sum((n - 1) * abs(s) for n, s in merged), -low, merged
-
-
-class _Plan:
-    """Rows, views and launches for the leaves of one call (see the module docstring)."""
-
-    def __init__(self, leaves, orders=None):
-        """``orders``: per leaf, the `_table.traversal` to walk it in (see `_walk`)."""
-        cuda, kernels = _cuda(), _kernels()
-        first = leaves[0]
-        self.kind, self.stream, self.owner = first.kind, first.stream, first.obj
-        nonempty = [i for i, leaf in enumerate(leaves) if leaf.size]
-        groups = {}
-        for i in nonempty:
-            groups.setdefault(leaves[i].dtype, []).append(i)
-        order = [i for ids in groups.values() for i in ids]
-        order += [i for i, leaf in enumerate(leaves) if not leaf.size]
-        self.row_of = np.empty(len(leaves), np.int64)
-        self.row_of[order] = np.arange(len(leaves))
-        walks = [_walk(leaves[i], None if orders is None else orders[i]) if leaves[i].size else (0, 0, 0, []) for i in order]
-        width = kernels.AXES + 2 * max(1, max(len(w[3]) for w in walks))
-        meta = np.zeros((len(leaves), width), np.int64)
-        tpb = kernels.THREADS_PER_BLOCK
-        for row, (i, (_, _, offset, axes)) in enumerate(zip(order, walks)):
-            size = leaves[i].size
-            meta[row, : kernels.AXES] = (size, min(kernels.MAX_BLOCKS, -(-size // tpb)), 0, len(axes), offset)
-            for d, (n, s) in enumerate(axes):
-                meta[row, kernels.AXES + 2 * d : kernels.AXES + 2 * d + 2] = (n, s)
-        self.meta_host = meta
-        self.scaled = None  # the SCALED column on the device, set per norm plan
-        self.launches = []  # (kernel set, first row, views, blocks)
-        row = 0
-        for dtype, ids in groups.items():
-            kind_dtype = _kernel_dtype(dtype)
-            views = [_view(cuda, leaves[i], walks[row + j][0], walks[row + j][1], kind_dtype) for j, i in enumerate(ids)]
-            for start in range(0, len(ids), kernels.SLOTS):
-                chunk = views[start : start + kernels.SLOTS]
-                blocks = int(meta[row + start : row + start + len(chunk), kernels.NBLOCKS].max())
-                padded = tuple(chunk + [chunk[0]] * (kernels.SLOTS - len(chunk)))
-                self.launches.append((kernels.for_dtype(dtype), row + start, padded, len(chunk), blocks))
-            row += len(ids)
-        self.rows = len(leaves)
-        self.max_blocks = max(1, int(meta[:, kernels.NBLOCKS].max()))
-
-    def device_meta(self, scaled_rows):
-        """``meta`` on the device with the SCALED column set for ``scaled_rows`` (a mask)."""
-        kernels = _kernels()
-        meta = self.meta_host.copy()
-        meta[:, kernels.SCALED] = scaled_rows
-        return _cuda().to_device(meta, stream=self.stream)
-
-    def launch(self, name, meta, *args, rows=None, dst=None):
-        """Launch kernel ``name`` of each dtype's set on its rows.
-
-        ``name`` is a kernel name or a function of the kernel set's first row;
-        ``rows``: only the launches whose rows are set in this mask; an argument that
-        is a list holds one value per launch. ``dst``: the
-        update kernels' target views (the leaves themselves if None), one tuple per
-        launch, appended to ``args`` with the flag that they are dense.
-        """
-        kernels = _kernels()
-        tpb = kernels.THREADS_PER_BLOCK
-        for i, (kernel_set, first, views, count, blocks) in enumerate(self.launches):
-            if rows is not None and not rows[first]:
-                continue
-            kernel = getattr(kernel_set, name if isinstance(name, str) else name(first))
-            values = [arg[i] if isinstance(arg, list) else arg for arg in args]  # lists: one per launch
-            tail = () if dst is False else (views, False) if dst is None else (dst[i], True)
-            kernel[(blocks, count), tpb, self.stream, tpb * 8](views, meta, first, *values, *tail)
-
-    def finish(self, partials, meta, what, p, peaks, norms, total, positions, by_position):
-        kernels = _kernels()
-        tpb = kernels.THREADS_PER_BLOCK
-        kernels.finish_cuda[1, tpb, self.stream, tpb * 8](
-            partials, meta, what, p, peaks, norms, total, positions, by_position
-        )
-
-    def empty(self, shape, dtype=np.float64):
-        """``(kernel argument, result object)``: a new device array of the call's kind."""
-        cuda = _cuda()
-        if self.kind == "cupy":
-            import cupy
-
-            result = cupy.empty(shape, dtype)  # on CuPy's current stream, from its pool
-            return cuda.as_cuda_array(result, sync=False), result
-        array = cuda.device_array(shape, dtype, stream=self.stream)
-        return array, array
-
-    def to_device(self, host):
-        return _cuda().to_device(np.ascontiguousarray(host), stream=self.stream)
-
-    def scalar(self, kernel_array, result):
-        """Element 0 of a new 1-d array as a 0-d array of the call's kind."""
-        if self.kind == "cupy":
-            return result.reshape(())
-        return _shaped(kernel_array, (), (), np.float64, 0)
-
-    def dense_copies(self, leaves):
-        """Per launch, a tuple of new dense buffers for its leaves; and every leaf's result."""
-        kernels = _kernels()
-        dst, results = [], [None] * len(leaves)
-        order = np.argsort(self.row_of)
-        for kernel_set, first, views, count, blocks in self.launches:
-            buffers = []
-            for row in range(first, first + count):
-                leaf = leaves[order[row]]
-                buffer, owner = self.empty((leaf.size,), views[0].dtype)
-                buffers.append(buffer)
-                results[order[row]] = _leaf_shaped(self.kind, owner, leaf)
-            dst.append(tuple(buffers + [buffers[0]] * (kernels.SLOTS - count)))
-        for i, leaf in enumerate(leaves):
-            if results[i] is None:  # empty
-                _, owner = self.empty((0,), _kernel_dtype(leaf.dtype))
-                results[i] = _leaf_shaped(self.kind, owner, leaf)
-        return dst, results
+    return start + low * itemsize, -low, merged
 
 
 def _kernel_dtype(dtype):
@@ -275,246 +417,596 @@ def _kernel_dtype(dtype):
     return np.dtype(np.int16) if dtype.name == "bfloat16" else dtype
 
 
-def _view(cuda, leaf, base, extent, dtype):
-    """A 1-d contiguous device array of ``extent`` elements of ``dtype`` at ``base``."""
-    if _simulated():  # device memory is host memory
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+class _Group:
+    """The rows of one dtype: their kernels, the view spanning their memory, their grid."""
 
-        buffer = (ctypes.c_char * (extent * dtype.itemsize)).from_address(base)
-        return FakeCUDAArray(np.frombuffer(buffer, dtype=dtype))
-    interface = {"shape": (extent,), "strides": None, "typestr": dtype.str, "data": (base, False), "version": 3}
-    return cuda.from_cuda_array_interface(interface, owner=leaf.obj, sync=False)
+    __slots__ = ("index", "dtype", "kernels", "data", "grid", "rows")
+
+    def __init__(self, index, dtype, kernels, data, grid, rows):
+        self.index, self.dtype, self.kernels, self.data = index, dtype, kernels, data
+        self.grid, self.rows = grid, rows
 
 
-def _dense_layout(shape, order, itemsize):
-    """Strides and start (bytes) of a leaf laid out densely in its walk ``order``, as
-    ``_table.dense_view`` lays it out: walk element ``k`` at position ``k``."""
-    strides, start, dense = [itemsize] * len(shape), 0, itemsize
+def _layout(leaves, positions, orders, device):
+    """The host side of a `Plan`: ``(table, groups, row_of, nrows, width, scratch size)``
+    (see ``kernels/cuda.py`` for the table)."""
+    kernels = _kernels()
+    groups = {}
+    for i, leaf in enumerate(leaves):
+        if leaf.size:
+            groups.setdefault(leaf.dtype, []).append(i)
+    order = [i for ids in groups.values() for i in ids] + [i for i, leaf in enumerate(leaves) if not leaf.size]
+    row_of = np.empty(len(leaves), np.int64)
+    row_of[order] = np.arange(len(leaves))
+    walks = [_walk(leaves[i], None if orders is None else orders[i]) for i in order]
+    nrows = len(order)
+    width = kernels.AXES + 2 * max(len(w[2]) for w in walks)
+    rows = np.zeros((nrows, width), np.int64)
+    sizes = np.array([leaves[i].size for i in order], np.int64)
+    rows[:, kernels.SIZE] = sizes
+    rows[:, kernels.NDIM] = [len(w[2]) for w in walks]
+    rows[:, kernels.WIDE] = [leaves[i].dtype in (np.float64, np.complex128) for i in order]
+    for r, (_, _, axes) in enumerate(walks):
+        rows[r, kernels.AXES : kernels.AXES + 2 * len(axes)] = np.ravel(axes)
+    nchunks = -(-sizes // kernels.CHUNK)
+    rows[:, kernels.NCHUNKS] = nchunks
+    spans = np.where(nchunks > 1, -(-nchunks // kernels.PARTIAL_ALIGN) * kernels.PARTIAL_ALIGN, 0)
+    rows[:, kernels.PARTIAL] = np.cumsum(spans) - spans
+    plan_groups, chunk_tables, first_row = [], [], 0
+    for index, (dtype, ids) in enumerate(groups.items()):
+        group_rows = slice(first_row, first_row + len(ids))
+        itemsize = dtype.itemsize
+        group_walks = walks[group_rows]
+        bases = np.array([w[0] for w in group_walks], np.int64)
+        low = int(bases.min())
+        starts = (bases - low) // itemsize
+        extents = [1 + sum((n - 1) * abs(s) for n, s in w[2]) for w in group_walks]
+        rows[group_rows, kernels.OFFSET] = starts + [w[1] for w in group_walks]
+        rows[group_rows, kernels.DENSE] = np.cumsum(sizes[group_rows]) - sizes[group_rows]
+        chunks = _chunks(kernels, np.arange(group_rows.start, group_rows.stop), sizes[group_rows], nchunks[group_rows])
+        chunk_tables.append(chunks)
+        grid = max(1, min(len(chunks), _multiprocessors(device) * kernels.BLOCKS_PER_SM))
+        data = _Buffer(low, int((starts + extents).max()), _kernel_dtype(dtype))
+        plan_groups.append(_Group(index, dtype, kernels.kernels_for(dtype), data, grid, group_rows))
+        first_row = group_rows.stop
+    chunks = np.concatenate(chunk_tables) if chunk_tables else np.zeros((0, kernels.CHUNK_WIDTH), np.int64)
+    group_table = np.zeros((len(plan_groups), kernels.GROUP_WIDTH), np.int64)
+    chunk_starts = np.cumsum([0] + [len(c) for c in chunk_tables])
+    group_table[:, kernels.GROUP_CHUNK] = chunk_starts[:-1]
+    group_table[:, kernels.GROUP_NCHUNKS] = np.diff(chunk_starts)
+    position_rows = row_of[positions]
+    header = np.zeros(kernels.HEADER, np.int64)
+    regions = [rows.ravel(), chunks.ravel(), group_table.ravel(), np.zeros(nrows, np.int64), position_rows]
+    starts = np.cumsum([kernels.HEADER] + [r.size for r in regions])
+    header[[kernels.H_ROWS, kernels.H_CHUNKS, kernels.H_GROUPS, kernels.H_TICKETS, kernels.H_POSITIONS]] = starts[:-1]
+    header[kernels.H_WIDTH], header[kernels.H_NROWS], header[kernels.H_NPOSITIONS] = width, nrows, position_rows.size
+    scratch_starts = np.cumsum([0, nrows, nrows, nrows, nrows, 1, int(spans.sum())])
+    names = [kernels.H_SUMS, kernels.H_PEAKS, kernels.H_NORMS, kernels.H_COEFS, kernels.H_TOTAL, kernels.H_PARTIALS]
+    header[names] = scratch_starts[:-1]
+    return np.concatenate([header, *regions]), plan_groups, row_of, nrows, width, int(scratch_starts[-1])
+
+
+class Plan:
+    """Rows, tables, scratch and launches for the unique leaves of one call on one stream.
+
+    Parameters
+    ----------
+    leaves : list of DeviceLeaf
+        The unique leaves (one device).
+    positions : int64 array
+        For each per-position result, the index of its leaf in ``leaves``.
+    stream : int
+        The stream's handle.
+    orders : list, optional
+        Per leaf, the `_table.traversal` to walk it in (``GradAccumulator``'s buffers).
+    """
+
+    def __init__(self, leaves, positions, stream, orders=None):
+        cuda = _cuda()
+        leaves = [leaf.described() for leaf in leaves]
+        self.leaves, self.stream = leaves, stream
+        self.positions = np.asarray(positions, np.int64)
+        self.kind, self.device = leaves[0].kind, leaves[0].device
+        streams = {}  # one leaf per kind and declared stream: whose streams a call joins
+        for leaf in leaves:
+            streams.setdefault((leaf.kind, leaf.device, leaf.stream if leaf.kind in ("numba", "foreign") else None), leaf)
+        self.representatives = list(streams.values())
+        self.writable = not any(leaf.readonly for leaf in leaves)
+        self.real = not any(leaf.dtype.kind == "c" for leaf in leaves)
+        self.unique = self.unique_of = self.first_positions = None  # the call's, for reuse (`keep`)
+        self.launcher = _Launcher(stream)
+        self.lock = threading.Lock()
+        self._place(_layout(leaves, self.positions, orders, self.device))
+        self.table = cuda.to_device(self.host_table)
+        self.scratch = cuda.to_device(np.zeros(self.scratch_size))
+        self._table, self._scratch = _buffer_of(self.table), _buffer_of(self.scratch)
+        self._dense = None  # the table of dense copies, made when first asked for
+        self.ids = self.pointers = None  # the cache key, set by `_PlanCache`
+        self.alive = True
+
+    def _place(self, layout):
+        self.host_table, self.groups, self.row_of, self.nrows, self.width, self.scratch_size = layout
+        self.npositions = self.positions.size
+
+    def rebind(self, leaves, orders=None):
+        """The plan of other ``leaves`` of the same dtypes, shapes and order (the next
+        micro-batch): their table replaces this one's where it differs, in the same device
+        memory if it has the same size (nothing is allocated then)."""
+        leaves = [leaf.described() for leaf in leaves]
+        layout = _layout(leaves, self.positions, orders, self.device)
+        self.leaves = leaves
+        if not np.array_equal(layout[0], self.host_table):
+            if layout[0].size == self.host_table.size and layout[5] <= self.scratch_size:
+                self.table.copy_to_device(layout[0], stream=self._numba_stream())
+            else:
+                self.table = _cuda().to_device(layout[0])
+                self.scratch = _cuda().to_device(np.zeros(layout[5]))
+                self._table, self._scratch = _buffer_of(self.table), _buffer_of(self.scratch)
+            self._dense = None
+        scratch_size = max(self.scratch_size, layout[5])
+        self._place(layout)
+        self.scratch_size = scratch_size
+
+    # ------------------------------------------------------------------ passes
+
+    def run(self, name, out=None, a=0.0, b=0.0, c=0.0, groups=None, data=None, table=None):
+        """Kernel ``name`` of each group's set over its rows (the groups in ``groups`` only);
+        ``name`` may also be a function of the `_Group` giving the kernel. ``out``: a
+        `_Buffer` (the scratch when None), or a function of the group giving one;
+        ``data``: per group, another view to run on (dense copies); ``table``: another
+        table (theirs)."""
+        kernels = _kernels()
+        for g in self.groups if groups is None else groups:
+            kernel = name(g) if callable(name) else getattr(g.kernels, name)
+            target = out(g) if callable(out) else out or self._scratch
+            self.launcher.launch(
+                kernel, g.grid, kernels.THREADS_PER_BLOCK,
+                [g.data if data is None else data[g.index], target, table or self._table, self._scratch],
+                [(g.index, "i8"), (a, "f8"), (b, "f8"), (c, "f8")],
+            )
+
+    def finish(self, mode, p, flags, out):
+        kernels = _kernels()
+        self.launcher.launch(
+            kernels.finish_cuda, 1, kernels.THREADS_PER_BLOCK, [self._table, self._scratch, out],
+            [(mode, "i8"), (p, "f8"), (flags, "i8")],
+        )
+
+    def norms(self, p, out):
+        """Every row's p-norm and their total into the scratch; ``out[0]`` the total and
+        ``out[1 + i]`` the norm at position ``i``.
+
+        p = 1 and 2 take one pass, plus, where float64-based rows are, a max-abs pass and a
+        scaled pass for those whose sum over- or underflowed (their blocks return at once
+        otherwise); p = inf the max-abs pass alone; any other p both, for every row.
+        """
+        kernels = _kernels()
+        final, every = kernels.FINAL, kernels.ALL_ROWS
+        if p in (1.0, 2.0):
+            redo = any(g.dtype in (np.float64, np.complex128) for g in self.groups)
+            self.run("sumsq_cuda" if p == 2.0 else "sumabs_cuda", a=p)
+            self.finish(kernels.FOLD_SUMS, p, 0 if redo else final, out)
+            if redo:
+                self.run("maxabs_cuda", a=p, c=1.0)
+                self.finish(kernels.FOLD_PEAKS, p, 0, out)
+                self.run("sumpow_cuda", a=p, c=1.0)
+                self.finish(kernels.FOLD_SCALED, p, final, out)
+        elif p == math.inf:
+            self.run("maxabs_cuda", a=p)
+            self.finish(kernels.FOLD_PEAKS, p, final | every, out)
+        else:
+            self.run("maxabs_cuda", a=p)
+            self.finish(kernels.FOLD_PEAKS, p, every, out)
+            self.run("sumpow_cuda", a=p)
+            self.finish(kernels.FOLD_SCALED, p, final | every, out)
+
+    def count(self, name, out):
+        """Launch a counting kernel (``nonfinite_cuda``, ``zero_nonfinite_cuda_``); the
+        count (float64) in ``out[0]``."""
+        kernels = _kernels()
+        self.run(name, c=float(kernels.BY_COEF))
+        self.finish(kernels.FOLD_COUNT, 2.0, 0, out)
+
+    def upload_coefs(self, coefs):
+        """Each row's coefficient (``coefs`` per leaf) into the scratch: a host-to-device copy."""
+        kernels = _kernels()
+        start = int(self.host_table[kernels.H_COEFS])
+        rows = np.empty(self.nrows)
+        rows[self.row_of] = coefs
+        self.scratch[start : start + self.nrows].copy_to_device(rows, stream=self._numba_stream())
+
+    def _numba_stream(self):
+        if simulated() or not self.stream:
+            return 0
+        return _cuda().external_stream(self.stream)
+
+    # ---------------------------------------------------------------- results
+
+    def new(self, n, dtype=np.float64):
+        """``(buffer, array)``: ``n`` new elements of ``dtype`` on the plan's device, as an
+        array of the call's kind."""
+        dtype = np.dtype(dtype)
+        if not simulated():
+            if self.kind == "torch":
+                torch = sys.modules["torch"]
+                array = torch.empty(n, dtype=_TORCH_OF[dtype.name](torch), device=torch.device("cuda", self.device))
+                return _Buffer(array.data_ptr(), n, _kernel_dtype(dtype), array), array
+            if self.kind == "cupy":
+                import cupy
+
+                with cupy.cuda.Device(self.device):
+                    array = cupy.empty(n, dtype)
+                return _Buffer(array.data.ptr, n, _kernel_dtype(dtype), array), array
+        array = _cuda().device_array(n, _kernel_dtype(dtype), stream=self._numba_stream())
+        return _buffer_of(array), array
+
+    def scalar(self, array):
+        """Element 0 of a result ``array`` (from `new`) as a 0-d array of its kind."""
+        return _shaped(self.kind, array, (), (), array.dtype, 0)
+
+    def tail(self, array):
+        """Elements 1 on of a result ``array``."""
+        return _shaped(self.kind, array, (array.shape[0] - 1,), (array.dtype.itemsize,), array.dtype, array.dtype.itemsize)
+
+    # ------------------------------------------------------------- dense copies
+
+    def dense_table(self):
+        """The table of this plan's rows laid out densely (row ``r`` at its ``DENSE``
+        offset of its group's buffer, step 1): made and uploaded once."""
+        if self._dense is None:
+            kernels = _kernels()
+            table = self.host_table.copy()
+            start = int(table[kernels.H_ROWS])
+            rows = table[start : start + self.nrows * self.width].reshape(self.nrows, self.width)
+            rows[:, kernels.OFFSET] = rows[:, kernels.DENSE]
+            rows[:, kernels.NDIM] = 1
+            rows[:, kernels.AXES :] = 0
+            rows[:, kernels.AXES] = np.maximum(rows[:, kernels.SIZE], 1)
+            rows[:, kernels.AXES + 1] = 1
+            self._dense = _buffer_of(_cuda().to_device(table))
+        return self._dense
+
+    def group_of(self, row):
+        """The `_Group` of ``row``, or None (an empty leaf's row is in none)."""
+        return next((g for g in self.groups if g.rows.start <= row < g.rows.stop), None)
+
+    def _dense_start(self, row):
+        """Where ``row`` starts in its group's dense buffer, in elements."""
+        kernels = _kernels()
+        return int(self.host_table[self.host_table[kernels.H_ROWS] + row * self.width + kernels.DENSE])
+
+    def _dense_end(self, group):
+        """The elements of ``group``'s dense buffer."""
+        kernels = _kernels()
+        last = group.rows.stop - 1
+        return self._dense_start(last) + int(self.host_table[self.host_table[kernels.H_ROWS] + last * self.width + kernels.SIZE])
+
+    def copies(self):
+        """New dense buffers, one per group, holding every leaf's elements in walk order:
+        ``(buffers, arrays)`` (`_Buffer`s for the kernels, arrays of the call's kind)."""
+        buffers, arrays = [], []
+        for g in self.groups:
+            buffer, array = self.new(self._dense_end(g), g.dtype)
+            self.run("copy_cuda", out=buffer, groups=[g])
+            buffers.append(buffer)
+            arrays.append(array)
+        return buffers, arrays
+
+    def dense_results(self, arrays):
+        """Every leaf's out-of-place result: its shape and dtype over its group's dense
+        buffer (``arrays``, from `copies`), laid out in its walk order."""
+        results = []
+        for i, leaf in enumerate(self.leaves):
+            row = int(self.row_of[i])
+            group = self.group_of(row)
+            if group is None:  # empty
+                _, flat = self.new(0, leaf.dtype)
+                start = 0
+            else:
+                flat, start = arrays[group.index], self._dense_start(row) * leaf.itemsize
+            results.append(_dense_shaped(self.kind, flat, leaf.shape, _table.traversal(leaf), leaf.dtype, start))
+        return results
+
+
+_TORCH_OF = {
+    "float16": lambda torch: torch.float16,
+    "bfloat16": lambda torch: torch.bfloat16,
+    "float32": lambda torch: torch.float32,
+    "float64": lambda torch: torch.float64,
+    "complex64": lambda torch: torch.complex64,
+    "complex128": lambda torch: torch.complex128,
+}
+
+
+def _chunks(kernels, row_ids, sizes, nchunks):
+    """The chunk records of rows ``row_ids`` (their ``sizes`` and chunk counts)."""
+    total = int(nchunks.sum())
+    chunks = np.empty((total, kernels.CHUNK_WIDTH), np.int64)
+    row_of_chunk = np.repeat(row_ids, nchunks)
+    first = np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
+    slot = np.arange(total) - first
+    start = slot * kernels.CHUNK
+    chunks[:, kernels.CHUNK_ROW] = row_of_chunk
+    chunks[:, kernels.CHUNK_START] = start
+    chunks[:, kernels.CHUNK_COUNT] = np.minimum(kernels.CHUNK, np.repeat(sizes, nchunks) - start)
+    chunks[:, kernels.CHUNK_SLOT] = slot
+    return chunks
+
+
+@functools.cache
+def _multiprocessors(device):
+    if simulated():
+        return 1
+    return _cuda().gpus[device].MULTIPROCESSOR_COUNT
+
+
+def _dense_shaped(kind, flat, shape, order, dtype, start=0):
+    """``shape`` and ``dtype`` over ``flat`` (a dense 1-d array of the call's kind) from
+    byte ``start``, laid out in ``order`` (a `_table.traversal`)."""
+    strides, offset, dense = [dtype.itemsize] * len(shape), start, dtype.itemsize
     for axis, flipped in order:
         strides[axis] = -dense if flipped else dense
         if flipped:
-            start += (shape[axis] - 1) * dense
+            offset += (shape[axis] - 1) * dense
         dense *= shape[axis]
-    return tuple(strides), start
+    return _shaped(kind, flat, tuple(shape), tuple(strides), dtype, offset)
 
 
-def _leaf_shaped(kind, owner, leaf):
-    """The out-of-place result of ``leaf``: its shape and dtype over the dense ``owner``."""
-    return _dense_shaped(kind, owner, leaf.shape, _table.traversal(leaf), leaf.dtype)
-
-
-def _dense_shaped(kind, flat, shape, order, dtype):
-    """``shape`` and ``dtype`` over ``flat`` (a dense 1-d array of the call's kind) laid out
-    in ``order`` (a `_table.traversal`)."""
-    strides, start = _dense_layout(shape, order, dtype.itemsize)
-    if kind == "cupy":
-        import cupy
-
-        return cupy.ndarray(shape, dtype, memptr=flat.data + start, strides=strides)
-    return _shaped(flat, shape, strides, dtype, start)
-
-
-def _shaped(array, shape, strides, dtype, start):
-    """A Numba device array (or the simulator's) over ``array``'s memory from byte ``start``."""
-    if _simulated():
+def _shaped(kind, array, shape, strides, dtype, start):
+    """An array of ``kind`` over ``array``'s memory from byte ``start``."""
+    if simulated():
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         base = array._ary
         return FakeCUDAArray(np.ndarray(shape, dtype, buffer=base, offset=start, strides=strides))
+    if kind == "torch":
+        torch = sys.modules["torch"]
+        itemsize = dtype.itemsize
+        flat = array.view(_TORCH_OF[dtype.name](torch)) if array.element_size() == itemsize else array
+        return flat.as_strided(shape, tuple(s // itemsize for s in strides), start // itemsize)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.ndarray(shape, dtype, memptr=array.data + start, strides=strides)
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
     return DeviceNDArray(shape, strides, dtype, stream=array.stream, gpu_data=array.gpu_data.view(start))
 
 
+# ------------------------------------------------------------------- plan cache
 
 
-# -------------------------------------------------------------- operations
+class _PlanCache:
+    """Plans of recent calls, found again by the identity of the call's leaves and its stream.
 
-
-def _wide_rows(plan, leaves):
-    order = np.argsort(plan.row_of)
-    return np.array([leaves[i].dtype in (np.float64, np.complex128) for i in order], dtype=bool)
-
-
-def _device_norms(gpu, p, positions=None):
-    """Leaf norms (one per row) and their total, in device memory: ``(plan, norms, total,
-    by_position)``; ``by_position[i]`` is the norm of the leaf at row ``positions[i]``."""
-    kernels, plan = _kernels(), gpu.plan()
-    if p == math.inf or p not in (1.0, 2.0):
-        scaled = np.ones(plan.rows, dtype=bool)
-    else:
-        scaled = _wide_rows(plan, gpu.leaves)
-    meta = plan.device_meta(scaled)
-    peaks = plan.to_device(np.where(scaled, 0.0, -1.0))
-    partials, _ = plan.empty((plan.rows, plan.max_blocks))
-    norms, _ = plan.empty((plan.rows,))
-    total = plan.empty((1,))
-    positions = np.zeros(0, np.int64) if positions is None else positions
-    by_position = plan.empty((positions.size,))
-    positions = plan.to_device(positions)
-    if scaled.any():
-        plan.launch("maxabs_cuda", meta, p, peaks, partials, rows=scaled, dst=False)
-        plan.finish(partials, meta, kernels.FOLD_PEAK, p, peaks, norms, total[0], positions, by_position[0])
-    if p != math.inf:
-        plain = "sumsq_cuda" if p == 2.0 else "sumabs_cuda"
-        plan.launch(lambda row: "sumpow_cuda" if scaled[row] else plain, meta, p, peaks, partials, dst=False)
-        plan.finish(partials, meta, kernels.FOLD_NORM, p, peaks, norms, total[0], positions, by_position[0])
-    return plan, norms, total, by_position
-
-
-def host_norms(batch, p):
-    """Every unique leaf's norm on the host: the CPU ones and the GPU ones (synchronises)."""
-    norms = _cpu.leaf_norms(batch, p)
-    norms[batch.cuda.unique] = _gpu_host_norms(batch.cuda, p)
-    return norms
-
-
-def leaf_norms(leaves, p):
-    """The norm of each `DeviceLeaf` of ``leaves``, on the host (synchronises)."""
-    return _gpu_host_norms(Leaves(np.arange(len(leaves)), leaves, False), p)
-
-
-def _gpu_host_norms(gpu, p):
-    plan, device, _, _ = _device_norms(gpu, p)
-    return device.copy_to_host()[plan.row_of]
-
-
-def on_first_device(batch, value):
-    """A host float as the call's result: on the GPU if the first leaf is there."""
-    return _on_first_device(batch, batch.cuda.plan(), value)
-
-
-def _on_first_device(batch, plan, value):
-    if not np.isin(batch.unique_of[0], batch.cuda.unique):
-        return value
-    array, result = plan.empty((1,))
-    array.copy_to_device(np.array([value]), stream=plan.stream)
-    return plan.scalar(array, result)
-
-
-def _gpu_index(batch):
-    """For each unique leaf, its index among the GPU leaves (-1 for CPU ones)."""
-    index = np.full(len(batch.arrays), -1, np.int64)
-    index[batch.cuda.unique] = np.arange(batch.cuda.unique.size)
-    return index
-
-
-def _position_rows(batch, plan):
-    """The row of the leaf at every position (every leaf on the GPU)."""
-    return plan.row_of[_gpu_index(batch)[batch.unique_of]]
-
-
-def _rebuild(batch, copy, gpu_results):
-    """The out-of-place result: ``copy`` (a ``Batch.copy``) with the GPU leaves' new arrays."""
-    for u, result in zip(batch.cuda.unique, gpu_results):
-        copy.arrays[u] = result
-    return copy.rebuild()
-
-
-def grad_norm(batch, p):
-    if batch.cuda.mixed:
-        return _on_first_device(batch, batch.cuda.plan(), _cpu.total_norm(host_norms(batch, p), p))
-    plan, _, total, _ = _device_norms(batch.cuda, p)
-    return plan.scalar(*total)
-
-
-def layer_norms(batch, p):
-    if batch.cuda.mixed:
-        return host_norms(batch, p)[batch.unique_of]  # on the host, as NumPy
-    plan = batch.cuda.plan()
-    return _device_norms(batch.cuda, p, _position_rows(batch, plan))[3][1]
-
-
-def clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, out_of_place=False, total=None):
-    """The total norm before clipping; with ``out_of_place``, ``(clipped, total)``.
-
-    ``total``: the norm when it is already known on the host (all-reduced across ranks).
+    A plan holds weak references to its leaves: when one dies the plan is dropped, so an
+    identity can never stand for another array. torch tensors can change their memory
+    under the same identity (``.data =``, ``set_``), so their data pointers are compared
+    too.
     """
-    target = batch.copy() if out_of_place else batch
-    if batch.cuda.mixed or total is not None:
+
+    def __init__(self):
+        self._plans = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def find(self, leaves, stream):
+        ids = list(map(id, leaves))
+        with self._lock:
+            plan = self._plans.get((stream, len(ids), ids[0]) if ids else None)
+            if plan is None or plan.ids != ids or not plan.alive:
+                return None
+            self._plans.move_to_end((stream, len(ids), ids[0]))
+        if plan.pointers is not None and [leaves[i].data_ptr() for i in plan.pointers[0]] != plan.pointers[1]:
+            return None
+        return plan
+
+    def keep(self, plan, leaves, stream):
+        """Keep ``plan`` for ``leaves`` (the call's, in position order) if they can be
+        referenced weakly."""
+        ids = list(map(id, leaves))
+        drop = functools.partial(_PlanCache._drop, weakref.ref(plan))
+        try:
+            plan.refs = [weakref.ref(leaf, drop) for leaf in {id(x): x for x in leaves}.values()]
+        except TypeError:  # an owner that cannot be referenced weakly: no reuse
+            return
+        plan.ids = ids
+        tensors = [i for i, leaf in enumerate(leaves) if type(leaf).__module__.startswith("torch")]
+        plan.pointers = (tensors, [leaves[i].data_ptr() for i in tensors]) if tensors else None
+        with self._lock:
+            self._plans[(stream, len(ids), ids[0])] = plan
+            while len(self._plans) > _PLANS_KEPT:
+                self._plans.popitem(last=False)
+
+    @staticmethod
+    def _drop(plan_ref, _):
+        plan = plan_ref()
+        if plan is not None:
+            plan.alive = False
+
+    def clear(self):
+        with self._lock:
+            self._plans.clear()
+
+
+_PLANS = _PlanCache()
+
+
+# --------------------------------------------------------------------- the part
+
+
+class Part:
+    """The GPU part of a ``Batch``: its ``unique`` leaves' ids (into ``Batch.arrays``) and
+    `DeviceLeaf` objects, whose per-position results follow ``positions`` (indices into
+    ``leaves``), and whether CPU leaves share the call (``mixed``). Its `Plan` is made
+    when first needed (a micro-batch of ``GradAccumulator`` needs none).
+
+    ``data`` and ``table``: for a part over dense copies of the leaves (`copy`), the
+    copies' views (one per group) and the plan's dense table.
+    """
+
+    __slots__ = ("unique", "leaves", "positions", "mixed", "data", "table", "_plan", "_keep")
+
+    def __init__(self, unique, leaves, positions, mixed, plan=None, data=None, table=None, keep=None):
+        self.unique, self.leaves, self.positions, self.mixed = np.asarray(unique, np.int64), leaves, positions, mixed
+        self.data, self.table, self._plan, self._keep = data, table, plan, keep
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            self._plan = Plan(self.leaves, self.positions, _stream_of(self.leaves[0]))
+            if self._keep is not None:
+                _keep(self, *self._keep)
+        return self._plan
+
+    def run(self, name, **kwargs):
+        self.plan.run(name, data=self.data, table=self.table, **kwargs)
+
+    def __enter__(self):
+        """Order this call's work after what the leaves' other streams have queued."""
+        plan = self.plan
+        plan.lock.acquire()
+        # the joined streams (none where every leaf is of one kind and stream, the common case)
+        self._keep = [h for h in map(_stream_of, plan.representatives[1:]) if h != plan.stream]
+        for handle in self._keep:
+            plan.launcher.wait_for(handle)
+        return plan
+
+    def __exit__(self, *error):
+        for handle in self._keep:
+            self.plan.launcher.then(handle)
+        self.plan.lock.release()
+        return False
+
+
+def part(leaves, unique, positions, mixed, keep=None):
+    """The `Part` of a call's GPU ``leaves`` (unique, with their ``unique`` ids), whose
+    per-position results follow ``positions`` (indices into ``leaves``). ``keep``: the
+    call's leaves in position order and their unique ids, when every leaf is on the GPU:
+    the plan is then kept for later calls with the same leaves."""
+    return Part(unique, leaves, positions, mixed, keep=keep)
+
+
+def cached(leaves):
+    """The `Part` of a call whose leaves (in position order) are those of a recent call
+    on the same stream, or None."""
+    first = describe_kind(leaves[0])
+    if first is None:
+        return None
+    plan = _PLANS.find(leaves, _stream_of(first))
+    if plan is None:
+        return None
+    return Part(plan.unique, plan.leaves, plan.positions, False, plan)
+
+
+def _keep(part, leaves, unique_of):
+    if describe_kind(leaves[0]) is None:
+        return  # parts of leaves, or producers whose stream is declared per array
+    plan = part.plan
+    plan.unique, plan.unique_of = part.unique, unique_of
+    distinct = unique_of.size == part.unique.size
+    plan.first_positions = None if distinct else np.unique(unique_of, return_index=True)[1].tolist()
+    _PLANS.keep(plan, leaves, plan.stream)
+
+
+def describe_kind(leaf):
+    """A `DeviceLeaf` standing for ``leaf``'s kind and stream, cheaply (no checks); None if
+    ``leaf`` is not one the plan cache serves."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(leaf, torch.Tensor):
+        return DeviceLeaf(leaf, "torch", 0, (), (), None, leaf.device.index)
+    module = type(leaf).__module__
+    if module.startswith("cupy"):
+        return DeviceLeaf(leaf, "cupy", 0, (), (), None, 0)
+    if hasattr(leaf, "__cuda_ndarray__"):
+        return DeviceLeaf(leaf, "numba", 0, (), (), None, 0, stream=getattr(leaf, "stream", 0))
+    return None
+
+
+# -------------------------------------------------------------------- operations
+# Twins of ``_cpu``'s: ``batch.cuda`` is the `Part`; per-leaf values are indexed by
+# unique leaf (``Batch.arrays``); results stay in device memory unless said otherwise.
+
+
+def norms(batch, p, per_position=False):
+    """The total p-norm of the GPU leaves (a 0-d device array) and, with ``per_position``,
+    the norm at every position (a 1-d device array; every leaf on the GPU)."""
+    gpu = batch.cuda
+    with gpu as plan:
+        buffer, out = plan.new(1 + plan.npositions)
+        plan.norms(p, buffer)
+    return plan.scalar(out), plan.tail(out) if per_position else None
+
+
+def host_norms(batch, p, into):
+    """Write the GPU leaves' norms into ``into`` (host, per unique leaf); synchronises."""
+    gpu = batch.cuda
+    with gpu as plan:
+        buffer, out = plan.new(1 + plan.npositions)
+        plan.norms(p, buffer)
+    values = _to_host(out)
+    into[gpu.unique] = values[1 + _position_of_unique(plan)]
+
+
+def _position_of_unique(plan):
+    """The per-position result of each unique leaf (a plan's positions cover every leaf)."""
+    position = np.empty(len(plan.leaves), np.int64)
+    position[plan.positions[::-1]] = np.arange(plan.npositions)[::-1]
+    return position
+
+
+def clip_(batch, max_norm, eps, total=None):
+    """Scale every GPU leaf by ``max_norm / (total + eps)`` iff the total is finite and above
+    ``max_norm``. ``total``: None for the total of this call's `norms` (in the plan's
+    scratch: the device decides), a host float (the host decides), or a 0-d / 1-element
+    float64 device array (the device reads it)."""
+    kernels = _kernels()
+    with batch.cuda as plan:
         if total is None:
-            total = _cpu.total_norm(host_norms(batch, p), p)
-        if error_if_nonfinite and not math.isfinite(total):
-            _checks.raise_nonfinite(total)
-        plan = batch.cuda.plan()
-        if math.isfinite(total) and total > max_norm:
-            _cpu.scale_(target, np.full(len(batch.arrays), max_norm / (total + eps)))
-        clipped = _scale(batch, plan, plan.to_device(np.array([total])), False, max_norm, eps, out_of_place)
-        total = _on_first_device(batch, plan, total)
-    else:
-        plan, _, device_total, _ = _device_norms(batch.cuda, p)
-        if error_if_nonfinite:
-            value = float(device_total[0].copy_to_host()[0])  # the one documented synchronisation
-            if not math.isfinite(value):
-                _checks.raise_nonfinite(value)
-        clipped = _scale(batch, plan, device_total[0], False, max_norm, eps, out_of_place)
-        total = plan.scalar(*device_total)
-    return (_rebuild(batch, target, clipped), total) if out_of_place else total
+            batch.cuda.run("scale_cuda_", a=max_norm, b=eps, c=float(kernels.BY_TOTAL))
+        elif isinstance(total, float):
+            if math.isfinite(total) and total > max_norm:
+                batch.cuda.run("scale_cuda_", a=max_norm / (total + eps), c=float(kernels.BY_COEF))
+        else:
+            out = _Buffer(_pointer(total), 1, np.float64, total)
+            batch.cuda.run("scale_cuda_", out=out, a=max_norm, b=eps, c=float(kernels.BY_OUT))
 
 
-def clip_grads_with_norm_(batch, max_norm, total, eps):
-    """``total``: a float, or a 0-d / 1-element device array holding the norm (read on the device)."""
-    plan = batch.cuda.plan()
-    if is_device_array(total):
-        total = _as_numba(total).reshape((1,))
-    else:
-        total = plan.to_device(np.array([total], dtype=np.float64))
-    if batch.cuda.mixed:
-        value = float(total.copy_to_host()[0])
-        if math.isfinite(value) and value > max_norm:
-            _cpu.scale_(batch, np.full(len(batch.arrays), max_norm / (value + eps)))
-    _scale(batch, plan, total, False, max_norm, eps, False)
+def clip_rows_(batch, max_norm, eps):
+    """Scale each GPU leaf on its own norm from this call's `norms` (on the device)."""
+    kernels = _kernels()
+    with batch.cuda:
+        batch.cuda.run("scale_cuda_", a=max_norm, b=eps, c=float(kernels.BY_ROW_NORM))
 
 
-def is_device_array(value):
-    return hasattr(value, "__cuda_array_interface__") or hasattr(value, "__cuda_ndarray__")
+def scale_(batch, coef):
+    """Multiply every element of GPU leaf ``u`` by ``coef[u]`` (host); leaves with 1 are not
+    written. One coefficient for all travels as an argument; several are copied to the
+    device."""
+    kernels = _kernels()
+    coefs = np.asarray(coef, np.float64)[batch.cuda.unique]
+    if (coefs == 1.0).all():
+        return
+    with batch.cuda as plan:
+        if (coefs == coefs[0]).all():
+            batch.cuda.run("scale_cuda_", a=float(coefs[0]), c=float(kernels.BY_COEF))
+        else:
+            plan.upload_coefs(coefs)
+            batch.cuda.run("scale_cuda_", c=float(kernels.BY_ROW_COEF))
 
 
-def _as_numba(array):
-    """A Numba device array (or the simulator's) sharing ``array``'s memory, without synchronising."""
-    if hasattr(array, "__cuda_ndarray__"):
-        return array
-    return _cuda().as_cuda_array(array, sync=False)
+def fill_(batch, value):
+    """Set every element of every GPU leaf to ``value``, rounded once."""
+    kernels = _kernels()
+    with batch.cuda:
+        batch.cuda.run("fill_cuda_", a=float(value), c=float(kernels.BY_COEF))
 
 
-def clip_grad_norm_per_layer_(batch, p, max_norm, eps):
-    plan = batch.cuda.plan()
-    if batch.cuda.mixed:
-        norms = host_norms(batch, p)
-        clip = np.isfinite(norms) & (norms > max_norm)
-        if clip.any():
-            with np.errstate(invalid="ignore", over="ignore"):
-                _cpu.scale_(batch, np.where(clip, max_norm / (norms + eps), 1.0))
-        rows = np.empty(plan.rows)
-        rows[plan.row_of] = norms[batch.cuda.unique]
-        _scale(batch, plan, plan.to_device(rows), True, max_norm, eps, False)
-        return norms[batch.unique_of]
-    _, norms, _, by_position = _device_norms(batch.cuda, p, _position_rows(batch, plan))
-    _scale(batch, plan, norms, True, max_norm, eps, False)
-    return by_position[1]
-
-
-def _scale(batch, plan, norms, per_leaf, max_norm, eps, out_of_place):
-    """The scale kernel on every GPU leaf; their new arrays if ``out_of_place``."""
-    meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
-    dst, results = plan.dense_copies(batch.cuda.leaves) if out_of_place else (None, None)
-    plan.launch("scale_cuda_", meta, norms, per_leaf, float(max_norm), float(eps), dst=dst)
-    return results
-
-
-def clip_grad_value_(batch, bound, out_of_place=False):
-    """Clamp every leaf; with ``out_of_place``, the clamped new arrays in the caller's structure."""
-    target = batch.copy() if out_of_place else batch
-    if bound != math.inf or out_of_place:  # in place, inf writes nothing
-        if batch.cuda.mixed:
-            _cpu.clamp_(target, bound)
-        plan = batch.cuda.plan()
-        meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
-        dst, results = plan.dense_copies(batch.cuda.leaves) if out_of_place else (None, None)
-        order = np.argsort(plan.row_of)
-        bounds = [_rounded_bound(bound, batch.cuda.leaves[order[first]].dtype) for _, first, *_ in plan.launches]
-        plan.launch("clamp_cuda_", meta, bounds, dst=dst)
-    return _rebuild(batch, target, results) if out_of_place else None
+def clamp_(batch, bound):
+    """Clamp every GPU leaf to ``[-bound, bound]``, the bound rounded once to each dtype."""
+    kernels = _kernels()
+    with batch.cuda as plan:
+        for g in plan.groups:
+            batch.cuda.run("clamp_cuda_", a=_rounded_bound(bound, g.dtype), c=float(kernels.BY_COEF), groups=[g])
 
 
 def _rounded_bound(bound, dtype):
@@ -528,56 +1020,93 @@ def _rounded_bound(bound, dtype):
     return float(np.array(f).astype(dtype))
 
 
-def all_finite(batch):
-    """Whether every element is finite: a bool, so this synchronises."""
-    if batch.cuda.mixed and _cpu.count_nonfinite(batch):
-        return False
-    return float(_count(batch.cuda.plan(), "nonfinite_cuda")[0].copy_to_host()[0]) == 0
+def count_nonfinite(batch):
+    """How many elements of the GPU leaves are NaN or infinite: a 0-d float64 device array."""
+    return _count(batch, "nonfinite_cuda")
 
 
 def zero_nonfinite_(batch):
-    """Zero the non-finite elements; the count as a device array (an int if mixed: synchronises)."""
-    plan = batch.cuda.plan()
-    total = _count(plan, "zero_nonfinite_cuda_")
-    if batch.cuda.mixed:
-        return _cpu.zero_nonfinite_(batch) + int(total[0].copy_to_host()[0])
-    return plan.scalar(*total)
+    """Zero the non-finite elements (parts) of the GPU leaves; how many elements changed, as
+    a 0-d float64 device array."""
+    return _count(batch, "zero_nonfinite_cuda_")
 
 
-def _count_scratch(plan):
-    """New device arrays for `_count`: ``(meta, partials, total, positions)``."""
-    meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
-    partials, _ = plan.empty((plan.rows, plan.max_blocks))
-    return meta, partials, plan.empty((1,)), plan.to_device(np.zeros(0, np.int64))
-
-
-def _count(plan, name, scratch=None):
-    """Launch a counting kernel over every leaf of ``plan``; the count (float64) in device
-    memory, as ``(kernel array, result)``. ``scratch``: `_count_scratch`'s arrays to reuse."""
+def _count(batch, name):
     kernels = _kernels()
-    meta, partials, total, positions = scratch or _count_scratch(plan)
-    if name == "nonfinite_cuda":
-        plan.launch(name, meta, 2.0, partials[:, 0], partials, dst=False)  # p and the peaks: not read
+    with batch.cuda as plan:
+        buffer, out = plan.new(1)
+        batch.cuda.run(name, c=float(kernels.BY_COEF))
+        plan.finish(kernels.FOLD_COUNT, 2.0, 0, buffer)
+    return plan.scalar(out)
+
+
+def copy(batch):
+    """``(part, results)``: a `Part` over new dense copies of the GPU leaves, and each
+    leaf's copy as an array of its kind, in its shape (per unique GPU leaf)."""
+    gpu = batch.cuda
+    with gpu as plan:
+        buffers, arrays = plan.copies()
+    return Part(gpu.unique, gpu.leaves, gpu.positions, gpu.mixed, plan, buffers, plan.dense_table()), plan.dense_results(arrays)
+
+
+def on_device(batch, value):
+    """A host float as a 0-d float64 array on the first GPU leaf's device, of its kind."""
+    plan = batch.cuda.plan
+    buffer, out = plan.new(1)
+    if plan.kind == "torch" and not simulated():
+        out.fill_(value)
+    elif plan.kind == "cupy" and not simulated():
+        out.fill(value)
     else:
-        plan.launch(name, meta, partials, dst=False)
-    unused = partials[:, 0]
-    plan.finish(partials, meta, kernels.FOLD_COUNT, 2.0, unused, unused, total[0], positions, unused)
-    return total
+        out.copy_to_device(np.array([value]), stream=plan._numba_stream())
+    return plan.scalar(out)
+
+
+def to_host(value):
+    """A float from a 0-d device array (synchronises)."""
+    return float(_to_host(value).reshape(-1)[0])
+
+
+def _to_host(array):
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    if type(array).__module__.startswith("torch"):
+        return array.cpu().numpy()
+    import cupy
+
+    return cupy.asnumpy(array)
+
+
+def is_device_array(value):
+    return _dispatch_on_cuda(value)
+
+
+def _dispatch_on_cuda(value):
+    from . import _dispatch
+
+    return _dispatch.on_cuda(value)
+
+
+def float64_total(total):
+    """A 0-d or 1-element device array holding a norm, as float64 device memory the kernels
+    can read (a copy, on the device, if it is of another dtype)."""
+    leaf = describe(total, lambda: "total_norm")
+    if leaf.size != 1:
+        raise _checks.total_norm_shape(leaf.shape)
+    if leaf.dtype == np.float64:
+        return total
+    if leaf.kind == "torch":
+        return total.to(sys.modules["torch"].float64)
+    if leaf.kind == "cupy":
+        return total.astype(np.float64)
+    raise _checks.total_norm_dtype(leaf.dtype)
+
+
+def _pointer(array):
+    return describe(array, lambda: "total_norm").ptr
 
 
 # ------------------------------------------------- the stateful tools' helpers
-
-
-def position_leaves(batch):
-    """The `DeviceLeaf` at every position of ``batch`` (a repeated array at each of its
-    positions), None at the CPU ones."""
-    return [batch.cuda.leaves[i] if i >= 0 else None for i in _gpu_index(batch)[batch.unique_of].tolist()]
-
-
-def plan(leaves, orders=None):
-    """The plan of ``leaves`` (`DeviceLeaf` objects, repeats allowed), each walked in its
-    entry of ``orders`` (see `_walk`)."""
-    return _Plan(leaves, orders)
 
 
 def units(leaf, unit_axes):
@@ -592,115 +1121,111 @@ def units(leaf, unit_axes):
     ]
 
 
-def multiply_(leaves, coefs):
-    """``leaves[i] *= coefs[i]`` in place, rounded once; leaves whose coefficient is 1 are not
-    written, and launches holding only such leaves are not made."""
-    plan = _Plan(leaves)
-    rows = np.empty(plan.rows)
-    rows[plan.row_of] = coefs
-    meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
-    plan.launch("multiply_cuda_", meta, plan.to_device(rows), False, rows=_launches_with(plan, rows != 1.0))
-
-
-def _launches_with(plan, row_mask):
-    """A row mask for `_Plan.launch`: each launch's first row set iff any of its rows is."""
-    first_rows = np.zeros(plan.rows, dtype=bool)
-    for _, first, _, count, _ in plan.launches:
-        first_rows[first] = row_mask[first : first + count].any()
-    return first_rows
-
-
-def multiplied(batch, target, value, fill):
-    """The out-of-place result: ``target`` (a ``Batch.copy``) with new arrays for the GPU
-    leaves holding ``x * value`` rounded once, or ``value`` everywhere (``fill``)."""
-    plan = batch.cuda.plan()
-    meta = plan.device_meta(np.zeros(plan.rows, dtype=bool))
-    dst, results = plan.dense_copies(batch.cuda.leaves)
-    plan.launch("multiply_cuda_", meta, plan.to_device(np.full(plan.rows, float(value))), fill, dst=dst)
-    return _rebuild(batch, target, results)
-
-
 class Accumulation:
-    """`GradAccumulator`'s buffers on the GPU and what every micro-batch's launches reuse.
+    """`GradAccumulator`'s buffers on the GPU, the twin of ``_cpu.Accumulation``: one dense
+    buffer per dtype group of the window's positions, in the accumulator dtype, element
+    ``k`` of a position's walk (in the window's ``orders``) at the position's offset + ``k``.
+    Allocated once, when the window is placed; every micro-batch is then added by one
+    launch per group through one plan, rebound to it, so nothing more is allocated (but
+    the results of ``copy_result=True``)."""
 
-    One dense buffer per position, of the grads' kind (CuPy or Numba), element ``k`` of
-    the position's walk in the window's ``order`` at ``k`` (as on the CPU). Allocated
-    once, when the window is placed on the GPU, with the device ``meta`` of the
-    micro-batches, the scratch of the non-finite check and the averaging coefficients:
-    later micro-batches of the same layout allocate nothing on the device.
-    """
+    on_gpu = True
 
-    def __init__(self, leaves, plan, orders, accumulators, coef, saved=None):
-        """``leaves``: the placing micro-batch's `DeviceLeaf` per position, and ``plan`` its
-        ``_Plan(leaves, orders)``; ``coef``: the factor of the window's result; ``saved``:
-        host buffers to start from."""
-        kernels = _kernels()
-        self.kind, self.stream = plan.kind, plan.stream
-        self.meta_host = plan.meta_host
-        self.scratch = _count_scratch(plan)
-        self.meta = self.scratch[0]
-        self.buffers, self.flats = [], []  # kernel views (bfloat16 as int16); as 1-d arrays of the kind
-        for position, (leaf, acc) in enumerate(zip(leaves, accumulators)):
-            buffer, owner = plan.empty((leaf.size,), _kernel_dtype(acc))
-            if saved is not None and leaf.size:
-                buffer.copy_to_device(np.ascontiguousarray(saved[position]).view(buffer.dtype), stream=self.stream)
-            self.buffers.append(buffer)
-            self.flats.append(_dense_shaped(self.kind, owner, (buffer.size,), ((0, False),), acc))
-        self.orders = orders
-        self.launches = []  # per launch of ``plan`` (and of every later micro-batch's): kernel, buffers
-        order = np.argsort(plan.row_of)
-        for _, first, _, count, _ in plan.launches:
-            rows = order[first : first + count]
-            dst = [self.buffers[i] for i in rows]
-            kernel = kernels.accumulate_for(leaves[rows[0]].dtype, accumulators[rows[0]])
-            self.launches.append((kernel, tuple(dst + [dst[0]] * (kernels.SLOTS - count))))
-        self.result_leaves = [DeviceLeaf(flat, self.kind) for flat in self.flats]
-        self.result_plan = Leaves(np.arange(len(self.flats)), self.result_leaves, False).plan()
-        self.result_meta = self.result_plan.device_meta(np.zeros(self.result_plan.rows, dtype=bool))
-        self.coefs = self.result_plan.to_device(np.full(self.result_plan.rows, float(coef)))
-        self.coef = coef
+    def __init__(self, window, leaves, saved=None):
+        """``leaves``: the placing micro-batch's `DeviceLeaf` per position; ``saved``: host
+        buffers to start from."""
+        self.orders, self.accumulators = window.orders, window.accumulators
+        self._plan, self._leaves = None, None  # the micro-batches' plan, and whose it is now
+        template = Plan(leaves, np.arange(len(leaves)), _stream_of(leaves[0]), self.orders)
+        self.template, self.kind = template, template.kind
+        self.acc = [self.accumulators[int(np.flatnonzero(template.row_of == g.rows.start)[0])] for g in template.groups]
+        sizes = [template._dense_end(g) for g in template.groups]
+        made = [template.new(n, acc) for n, acc in zip(sizes, self.acc)]
+        self.buffers, self.arrays = [b for b, _ in made], [a for _, a in made]
+        self.count = template.new(1)  # the non-finite check's result, read at once
+        self.empty = {acc: template.new(0, acc)[1] for acc in set(self.accumulators)}  # what empty leaves view
+        self.flats = self._position_views(self.arrays, lambda i, leaf: ((leaf.size,), ((0, False),)))
+        if saved is not None:
+            for flat, values in zip(self.flats, saved):
+                if values.size:
+                    _write(flat, np.ascontiguousarray(values).reshape(-1), template)
 
-    def _meta_for(self, plan):
-        """The device ``meta`` of a micro-batch: the window's unless its layout differs."""
-        if not np.array_equal(plan.meta_host, self.meta_host):
-            self.meta_host, self.meta = plan.meta_host, plan.device_meta(np.zeros(plan.rows, dtype=bool))
-            self.scratch = (self.meta, *self.scratch[1:])
-        return self.meta
+    def _plan_for(self, leaves):
+        """The plan of a micro-batch's ``leaves`` (per position, walked in the window's orders):
+        one plan for every micro-batch, rebound to each."""
+        if self._plan is None:
+            self._plan = Plan(leaves, np.arange(len(leaves)), _stream_of(leaves[0]), self.orders)
+        elif leaves is not self._leaves:
+            self._plan.rebind(leaves, self.orders)
+        self._leaves = leaves
+        return self._plan
 
-    def finite(self, plan):
-        """Whether every element of the micro-batch of ``plan`` is finite (synchronises)."""
-        self._meta_for(plan)
-        return float(_count(plan, "nonfinite_cuda", self.scratch)[0].copy_to_host()[0]) == 0
-
-    def add(self, plan, first):
-        """Accumulate the micro-batch of ``plan`` into the buffers (``first``: overwrite)."""
-        tpb = _kernels().THREADS_PER_BLOCK
-        meta = self._meta_for(plan)
-        for (kernel, dst), (_, first_row, views, count, blocks) in zip(self.launches, plan.launches):
-            kernel[(blocks, count), tpb, self.stream](dst, views, meta, first_row, bool(first))
-
-    def result(self, shapes, copy):
-        """The window's result, one array per position: views of the buffers (scaled in place
-        by the coefficient), or new arrays (``copy``)."""
-        plan = self.result_plan
-        if copy:
-            dst, flats = plan.dense_copies(self.result_leaves)
-            if self.coef == 1.0:  # a plain copy, bit for bit
-                for buffers, (_, _, views, count, _) in zip(dst, plan.launches):
-                    for j in range(count):
-                        buffers[j].copy_to_device(views[j], stream=self.stream)
+    def _position_views(self, arrays, layout):
+        """Each position's part of the group buffers ``arrays``, shaped by ``layout(i, leaf)``
+        (its shape and walk order)."""
+        plan, views = self.template, []
+        for i, leaf in enumerate(plan.leaves):
+            shape, order = layout(i, leaf)
+            dtype, row = self.accumulators[i], int(plan.row_of[i])
+            group = plan.group_of(row)
+            if group is None:
+                flat, start = self.empty[dtype], 0
             else:
-                plan.launch("multiply_cuda_", self.result_meta, self.coefs, False, dst=dst)
-        else:
-            flats = self.flats
-            if self.coef != 1.0:
-                plan.launch("multiply_cuda_", self.result_meta, self.coefs, False)
-        return [
-            _dense_shaped(self.kind, flat, shape, order, flat.dtype)
-            for flat, shape, order in zip(flats, shapes, self.orders)
-        ]
+                flat, start = arrays[group.index], plan._dense_start(row) * dtype.itemsize
+            views.append(_dense_shaped(self.kind, flat, shape, order, dtype, start))
+        return views
+
+    def fits(self, leaves):
+        return False  # the window checks shapes and dtypes itself
+
+    def finite(self, batch, leaves):
+        """Whether every element of the micro-batch is finite (synchronises)."""
+        kernels = _kernels()
+        plan = self._plan_for(leaves)
+        buffer, out = self.count
+        with plan.lock:
+            plan.run("nonfinite_cuda", c=float(kernels.BY_COEF))
+            plan.finish(kernels.FOLD_COUNT, 2.0, 0, buffer)
+        return to_host(plan.scalar(out)) == 0
+
+    def add(self, batch, leaves, first):
+        """Accumulate the micro-batch into the buffers (``first``: overwrite)."""
+        kernels = _kernels()
+        plan = self._plan_for(leaves)
+        with plan.lock:
+            plan.run(
+                lambda g: kernels.accumulate_for(g.dtype, self.acc[g.index]),
+                out=lambda g: self.buffers[g.index],
+                c=1.0 if first else 0.0,
+            )
+
+    def result(self, coef, copy, shapes):
+        """The window's result, one array per position: views of the buffers (scaled in place
+        by ``coef``), or new arrays (``copy``)."""
+        kernels = _kernels()
+        plan, table = self.template, self.template.dense_table()
+        data, arrays = self.buffers, self.arrays
+        acc_kernels = lambda name: lambda g: getattr(kernels.kernels_for(self.acc[g.index]), name)  # noqa: E731
+        with plan.lock:
+            if copy:
+                made = [plan.new(b.n, acc) for b, acc in zip(self.buffers, self.acc)]
+                plan.run(acc_kernels("copy_cuda"), out=lambda g: made[g.index][0], data=data, table=table)
+                data, arrays = [b for b, _ in made], [a for _, a in made]
+            if coef != 1.0:
+                plan.run(acc_kernels("scale_cuda_"), a=coef, c=float(kernels.BY_COEF), data=data, table=table)
+        return self._position_views(arrays, lambda i, leaf: (shapes[i], self.orders[i]))
 
     def snapshot(self):
-        """The buffers as host NumPy arrays of the accumulator dtypes (synchronises)."""
-        return [buffer.copy_to_host().view(flat.dtype) for buffer, flat in zip(self.buffers, self.flats)]
+        """The buffers as host NumPy arrays of the accumulator dtypes, per position (synchronises)."""
+        return [_to_host(flat).reshape(-1) for flat in self.flats]
 
+
+def _write(flat, values, plan):
+    """Copy host ``values`` into the device array ``flat`` (of the plan's kind)."""
+    if simulated() or plan.kind not in ("torch", "cupy"):
+        flat.copy_to_device(values.view(flat.dtype) if values.dtype != flat.dtype else values, stream=plan._numba_stream())
+    elif plan.kind == "torch":
+        torch = sys.modules["torch"]
+        flat.copy_(torch.from_numpy(values.view(np.int16) if values.dtype.name == "bfloat16" else values))
+    else:
+        flat.set(values)

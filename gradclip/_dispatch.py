@@ -26,9 +26,13 @@ _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
 def on_cuda(leaf):
-    """Whether ``leaf`` is a CUDA array: one attribute check (its DLPack device for others)."""
+    """Whether ``leaf`` is a CUDA array: a torch tensor's own flag, else one attribute check
+    (its DLPack device for others)."""
     if type(leaf) is np.ndarray:
         return False
+    torch = _torch_of(leaf)
+    if torch is not None:  # before the interface, which a tensor requiring grad refuses
+        return leaf.is_cuda
     if hasattr(leaf, "__cuda_array_interface__") or hasattr(leaf, "__cuda_ndarray__"):
         return True
     device = getattr(leaf, "__dlpack_device__", None)
@@ -36,13 +40,15 @@ def on_cuda(leaf):
 
 
 def as_cuda_leaf(leaf, where):
-    """A ``_cuda.DeviceLeaf`` for a leaf where `on_cuda` holds (imports the CUDA backend)."""
+    """A ``_cuda.DeviceLeaf`` for a leaf where `on_cuda` holds (imports the CUDA backend).
+
+    torch tensors, CuPy arrays, Numba device arrays and other ``__cuda_array_interface__``
+    producers are described as they are; other DLPack producers (JAX) through CuPy.
+    """
     from . import _cuda
 
-    if hasattr(leaf, "__cuda_ndarray__"):
-        return _cuda.DeviceLeaf(leaf, "numba")
-    if hasattr(leaf, "__cuda_array_interface__"):
-        return _cuda.DeviceLeaf(leaf, "cupy" if type(leaf).__module__.startswith("cupy") else "foreign")
+    if _torch_of(leaf) is not None or hasattr(leaf, "__cuda_array_interface__") or hasattr(leaf, "__cuda_ndarray__"):
+        return _cuda.describe(leaf, where)
     try:
         import cupy
     except ImportError as error:
@@ -51,7 +57,7 @@ def as_cuda_leaf(leaf, where):
         wrapped = cupy.from_dlpack(leaf)
     except (BufferError, TypeError, ValueError, RuntimeError) as error:
         raise _checks.dlpack_failed(where, leaf, error) from None
-    return _cuda.DeviceLeaf(wrapped, "cupy")
+    return _cuda.describe(wrapped, where)
 
 
 def as_cpu_array(leaf, where):

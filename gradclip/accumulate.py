@@ -14,12 +14,9 @@ gets a transposed-looking result with every value at its own index.
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _cuda, _table, _tree
-from ._kernels import cpu as kernels
+from . import _backend, _batch, _checks, _table, _tree
 
 _HALF = ("float16", "bfloat16")
-_ALIGN = 64
-"""Each leaf's buffer starts on a multiple of this many bytes of the one allocation."""
 
 _CONFIG = ("accum_steps", "average", "accumulator_dtype", "skip_nonfinite", "copy_result")
 _STATE = ("current_step", "skipped", "structure", "buffers")
@@ -131,53 +128,22 @@ class GradAccumulator:
             real ``accumulator_dtype``.
         """
         batch = _batch.collect(grads, "GradAccumulator.step", cuda=True)
-        if batch.cuda:
-            return self._step_cuda(batch)
-        identity = len(batch.arrays) == len(batch.unique_of)
-        arrays = batch.arrays if identity else [batch.arrays[u] for u in batch.unique_of]
-        layouts = _layouts(arrays)
-        window = self._window
-        if window is None:
-            window = _Buffers.plan(batch.treedef, arrays, self._accumulator_dtype)
-        else:
-            window.check(batch.treedef, arrays, layouts, on_cuda=False)
-        if self._skip_nonfinite and _cpu.count_nonfinite(batch):
-            self._skipped += 1
-            return None
-        if window.flats is None:
-            window.allocate()
-        self._window = window
-        window.add(batch, arrays, identity, layouts, first=self._current_step == 0)
-        if not self._advance():
-            return None
-        originals = [batch.originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
-        return window.result(self._coef(), self._copy_result, originals)
-
-    def _step_cuda(self, batch):
-        """`step` for GPU grads: the window's buffers live on the grads' device."""
-        if batch.cuda.mixed:
-            on_gpu = np.isin(batch.unique_of, batch.cuda.unique)
-            cpu, gpu = (_tree.path(batch.treedef, int(np.argmax(mask))) for mask in (~on_gpu, on_gpu))
-            raise _checks.mixed_devices("GradAccumulator.step", cpu, gpu)
-        leaves = _cuda.position_leaves(batch)
+        leaves = _backend.position_leaves(batch)
         window = self._window
         if window is None:
             window = _Buffers.plan(batch.treedef, leaves, self._accumulator_dtype)
-        else:
-            window.check(batch.treedef, leaves, [(a.dtype, a.shape, a.strides) for a in leaves], on_cuda=True)
-        plan = _cuda.plan(leaves, window.orders)
-        device = window.device or _cuda.Accumulation(
-            leaves, plan, window.orders, window.accumulators, self._coef(), window.saved
-        )
-        if self._skip_nonfinite and not device.finite(plan):
+        buffers = window.place(batch, leaves)
+        if self._skip_nonfinite and not buffers.finite(batch, leaves):
             self._skipped += 1
             return None
-        window.device, window.saved = device, None
         self._window = window
-        device.add(plan, first=self._current_step == 0)
+        buffers.add(batch, leaves, first=self._current_step == 0)
         if not self._advance():
             return None
-        return _tree.unflatten(window.treedef, device.result(window.shapes, self._copy_result))
+        results = buffers.result(self._coef(), self._copy_result, window.shapes)
+        originals = [batch.originals[u] for u in batch.unique_of]  # NumPy scalars stay scalars
+        positions = np.arange(len(results))
+        return _batch.Batch(window.treedef, results, positions, [], originals).rebuild(owned=self._copy_result)
 
     def _advance(self):
         """Count an accepted micro-batch; whether it ends the window (then a new one starts)."""
@@ -239,7 +205,7 @@ class GradAccumulator:
 
 
 class _Buffers:
-    """The window's structure and its buffers: one allocation, one dense run per position."""
+    """The window's structure, and its buffers (``device``) once a micro-batch places them."""
 
     def __init__(self, treedef, shapes, dtypes, orders, accumulators):
         self.treedef = treedef
@@ -247,113 +213,49 @@ class _Buffers:
         self.dtypes = dtypes
         self.orders = orders  # per position, the `_table.traversal` the buffer follows
         self.accumulators = accumulators
-        self.layouts = None  # `_layouts` of the last micro-batch whose every leaf followed `orders`
-        self.pinned = None  # and its dtype objects, whose addresses `layouts` holds
         self.sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
-        self.flats = self.views = self.address = self.batch = None  # on the CPU
-        self.device = None  # on the GPU: the `_cuda.Accumulation`
+        self.device = None  # the buffers: a ``_cpu.Accumulation`` or a ``_cuda.Accumulation``
         self.saved = None  # restored buffers (host), until a micro-batch places the window
 
     @classmethod
-    def plan(cls, treedef, arrays, accumulator_dtype):
-        """The buffers for micro-batches like ``arrays`` (not allocated yet)."""
+    def plan(cls, treedef, leaves, accumulator_dtype):
+        """The buffers for micro-batches like ``leaves`` (not allocated yet)."""
         accumulators = []
-        for position, array in enumerate(arrays):
-            dtype = array.dtype
+        for position, leaf in enumerate(leaves):
+            dtype = leaf.dtype
             acc = _accumulator(dtype, accumulator_dtype)
             if dtype.kind == "c" and acc.kind != "c":
                 raise _checks.complex_into_real(_tree.path(treedef, position), dtype, acc)
             accumulators.append(acc)
-        orders = [_table.traversal(array) for array in arrays]
-        return cls(treedef, [a.shape for a in arrays], [a.dtype for a in arrays], orders, accumulators)
+        orders = [_table.traversal(leaf) for leaf in leaves]
+        return cls(treedef, [tuple(leaf.shape) for leaf in leaves], [leaf.dtype for leaf in leaves], orders, accumulators)
 
-    def allocate(self):
-        ends = np.cumsum([_ALIGN * -(-n * acc.itemsize // _ALIGN) for n, acc in zip(self.sizes, self.accumulators)])
-        arena = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
-        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-        self.flats = [
-            arena[start : start + n * acc.itemsize].view(acc)
-            for start, n, acc in zip(starts.tolist(), self.sizes.tolist(), self.accumulators)
-        ]
-        self.views = [
-            _table.dense_view(flat, 0, shape, order) for flat, shape, order in zip(self.flats, self.shapes, self.orders)
-        ]
-        self.address = arena.ctypes.data + starts
-        if self.saved is not None:
-            for flat, saved in zip(self.flats, self.saved):
-                flat[...] = saved
-            self.saved = None
-        positions = np.arange(len(self.flats))
-        self.batch = _batch.Batch(self.treedef, self.flats, positions, _batch.tables(self.flats), self.flats)
-
-    def check(self, treedef, arrays, layouts, on_cuda):
-        """Raise (changing nothing) unless ``arrays`` (on the GPU if ``on_cuda``) fit the window."""
-        if treedef != self.treedef:
-            where, expected, got = _tree.difference(self.treedef, treedef)
+    def place(self, batch, leaves):
+        """The buffers for ``batch`` (``leaves`` per position): raises, changing nothing, unless
+        the micro-batch fits the window; allocates them on its device the first time."""
+        if batch.treedef != self.treedef:
+            where, expected, got = _tree.difference(self.treedef, batch.treedef)
             raise _checks.accumulation_mismatch(where, "structure", expected, got)
-        placed = self.device is not None or self.flats is not None
-        if placed and on_cuda != (self.device is not None):
-            devices = ("CPU arrays", "CUDA arrays") if on_cuda else ("CUDA arrays", "CPU arrays")
+        on_gpu = batch.cuda is not None
+        if on_gpu and batch.cuda.mixed:
+            on_device = np.isin(batch.unique_of, batch.cuda.unique)
+            cpu, gpu = (_tree.path(batch.treedef, int(np.argmax(mask))) for mask in (~on_device, on_device))
+            raise _checks.mixed_devices("GradAccumulator.step", cpu, gpu)
+        if self.device is not None and on_gpu != self.device.on_gpu:
+            devices = ("CPU arrays", "CUDA arrays") if on_gpu else ("CUDA arrays", "CPU arrays")
             raise _checks.accumulation_mismatch("grads", "device", *devices)
-        if _same(layouts, self.layouts):  # the shapes and dtypes too
-            return
-        for what, mine in (("shape", self.shapes), ("dtype", self.dtypes)):
-            theirs = [getattr(a, what) for a in arrays]
-            if theirs != mine:
-                position = next(i for i, (m, t) in enumerate(zip(mine, theirs)) if m != t)
-                raise _checks.accumulation_mismatch(
-                    _tree.path(treedef, position), what, mine[position], theirs[position]
-                )
-
-    def add(self, batch, arrays, identity, layouts, first):
-        """Accumulate ``arrays`` (one per position) into the buffers."""
-        sources, tables = arrays, batch.tables
-        if not _same(layouts, self.layouts):
-            sources = [self._in_buffer_order(p, a) for p, a in enumerate(arrays)]
-            if all(s is a for s, a in zip(sources, arrays)):
-                self.layouts = layouts
-                self.pinned = [a.dtype for a in arrays]  # their addresses stay theirs
-            else:
-                identity = False
-        if not identity:  # a repeated array, or copies: rows per position
-            tables = _batch.tables(sources)
-        for table in tables:
-            if table.size:
-                acc = self.accumulators[table.seg_leaf[0]]
-                kernels.accumulate_table(table, self._dst_rows(table, sources), _table.witness(acc), first)
-
-    def _in_buffer_order(self, position, array):
-        """``array``, or a copy of it that walks in the order of the position's buffer (also
-        made where a zero stride repeats elements: the kernels take steps >= 1)."""
-        order = self.orders[position]
-        if _table.traversal(array) == order and all(s or n == 1 for n, s in zip(array.shape, array.strides)):
-            return array
-        copy = _table.dense_view(np.empty(array.size, array.dtype), 0, array.shape, order)
-        copy[...] = array
-        return copy
-
-    def _dst_rows(self, table, sources):
-        """Where each row of ``table`` lands: its leaf's buffer, after the leaf's earlier rows."""
-        leaf = table.seg_leaf
-        dst = self.address[leaf]
-        split = np.flatnonzero(table.count != self.sizes[leaf])  # leaves of several rows
-        if split.size:
-            for position in np.unique(leaf[split]).tolist():
-                rows = np.flatnonzero(leaf == position)
-                itemsize = self.accumulators[position].itemsize
-                dst[rows] += _table.dense_offsets(sources[position]) * itemsize
-        return dst
-
-    def result(self, coef, copy, originals):
-        positions = self.batch.unique_of
-        if copy:
-            out = _batch.Batch(self.treedef, self.views, positions, [], originals).copy()
-            if coef != 1.0:
-                _cpu.scale_(out, np.full(len(out.arrays), coef))
-            return out.rebuild()
-        if coef != 1.0:
-            _cpu.scale_(self.batch, np.full(len(self.flats), coef))
-        return _batch.Batch(self.treedef, self.views, positions, [], originals).rebuild(owned=False)
+        if self.device is None or not self.device.fits(leaves):  # the fast check: same layouts as before
+            for what, mine in (("shape", self.shapes), ("dtype", self.dtypes)):
+                theirs = [tuple(leaf.shape) if what == "shape" else leaf.dtype for leaf in leaves]
+                if theirs != mine:
+                    position = next(i for i, (m, t) in enumerate(zip(mine, theirs)) if m != t)
+                    raise _checks.accumulation_mismatch(
+                        _tree.path(batch.treedef, position), what, mine[position], theirs[position]
+                    )
+        if self.device is None:
+            self.device = _backend.accumulation(batch, self, leaves, self.saved)
+            self.saved = None
+        return self.device
 
     def snapshot(self):
         structure = {
@@ -364,7 +266,7 @@ class _Buffers:
         }
         if self.device is not None:
             return structure, self.device.snapshot()
-        return structure, [flat.copy() for flat in (self.saved if self.flats is None else self.flats)]
+        return structure, [saved.copy() for saved in self.saved]
 
     @classmethod
     def restore(cls, structure, buffers, accumulator_dtype):
@@ -394,15 +296,3 @@ class _Buffers:
 def _accumulator(dtype, requested):
     """The buffers' dtype for grads of ``dtype``: ``requested``, else float32 for half precision."""
     return requested or (np.dtype(np.float32) if dtype.name in _HALF else dtype)
-
-
-def _layouts(arrays):
-    """Something equal for two lists of arrays with the same dtypes, shapes and strides."""
-    layouts = kernels.array_layouts(arrays)  # one kernel call for many arrays
-    return [(a.dtype, a.shape, a.strides) for a in arrays] if layouts is None else layouts
-
-
-def _same(layouts, other):
-    if isinstance(layouts, np.ndarray) and isinstance(other, np.ndarray):
-        return layouts.size == other.size and bool((layouts == other).all())
-    return type(layouts) is type(other) and layouts == other

@@ -16,9 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _cuda, _dispatch
+from . import _backend, _batch, _checks
 from ._collective import Collective
-from .clip import _scale_to_max_norm_
 
 _EPS = 1e-6
 """The ``eps`` of the scaling rule, as in `clip_grad_norm_`."""
@@ -105,10 +104,8 @@ class _NormClipper:
             return ClipStats(norm, math.nan, False, False)
         threshold = self._threshold_and_update(norm)
         clipped = norm > threshold
-        if clipped and batch.cuda:
-            _cuda.clip_grads_with_norm_(batch, threshold, norm, _EPS)
-        elif clipped:
-            _scale_to_max_norm_(batch, threshold, norm, eps=_EPS)
+        if clipped:
+            _backend.scale_to_max_norm_(batch, threshold, norm, _EPS)
         return ClipStats(norm, threshold, clipped, True)
 
     def state_dict(self):
@@ -510,22 +507,14 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
     requested_axes = _checks.axis(axis)
     grads, params = _reusable(grads), _reusable(params)
     batch = _batch.collect(grads, "adaptive_grad_clip_", writes=True, cuda=True)
-    gpu = _cuda.position_leaves(batch) if batch.cuda else None  # None at the CPU positions
-    work = {}  # unique gradient -> (gradient, parameter, unit axes); a repeat is clipped once
+    leaves = _backend.position_leaves(batch)
+    grad_units, param_units = [], []
+    done = set()  # a repeated gradient is clipped once
     for position, (keys, param) in enumerate(_pair_leaves(grads, params)):
-        unique = int(batch.unique_of[position])
-        grad = gpu[position] if gpu and gpu[position] is not None else batch.arrays[unique]
+        grad = leaves[position]
         grad_path = lambda keys=keys: _path("grads", keys)  # noqa: E731
         param_path = lambda keys=keys: _path("params", keys)  # noqa: E731
-        grad_on_gpu = isinstance(grad, _cuda.DeviceLeaf)
-        if _dispatch.on_cuda(param) != grad_on_gpu:
-            raise _checks.agc_devices(grad_path(), param_path(), grad_on_gpu)
-        if grad_on_gpu:
-            param = _dispatch.as_cuda_leaf(param, param_path)
-            _cuda.check(param, param_path, "adaptive_grad_clip_", False, False)
-        else:
-            param = _dispatch.as_cpu_array(param, param_path)
-            _checks.check_dtype(param_path, param.dtype)
+        param = _backend.leaf_like(grad, param, param_path, "adaptive_grad_clip_", grad_path)
         if param.shape != grad.shape:
             raise _checks.shape_mismatch(grad_path(), grad.shape, param_path(), param.shape)
         ndim = len(grad.shape)
@@ -535,35 +524,19 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
             unit_axes = tuple(range(1, ndim))
         else:
             unit_axes = _checks.unit_axes(grad_path, requested_axes, ndim)
-        work.setdefault(unique, (grad, param, unit_axes))
-    on_gpu = [leaf for leaf in work.values() if isinstance(leaf[0], _cuda.DeviceLeaf)]
-    on_cpu = [leaf for leaf in work.values() if not isinstance(leaf[0], _cuda.DeviceLeaf)]
-    clipped = _clip_device_units_(on_gpu, clipping, eps) if on_gpu else 0
-    return clipped + sum(_clip_units_(*leaf, clipping, eps) for leaf in on_cpu)
-
-
-def _clip_units_(grad, param, unit_axes, clipping, eps):
-    """AGC on one leaf; returns the number of units clipped."""
-    grad_units = _batch.collect(_units(grad, unit_axes), "adaptive_grad_clip_", writes=True)
-    grad_norms = _cpu.leaf_norms(grad_units, 2.0)
-    param_norms = _cpu.leaf_norms(_batch.collect(_units(param, unit_axes), "adaptive_grad_clip_"), 2.0)
-    clip, coef = _unit_coefs(grad_norms, param_norms, clipping, eps)
-    if coef is not None:
-        _cpu.scale_(grad_units, coef)
-    return int(np.count_nonzero(clip))
-
-
-def _clip_device_units_(work, clipping, eps):
-    """AGC on GPU leaves, ``(gradient, parameter, unit axes)`` each: every unit of every leaf
-    is a row of one plan (launches per pass: one per 32 units). The unit norms are read on
-    the host (this synchronises) and the coefficients taken there, as on the CPU."""
-    grad_units = [unit for grad, _, axes in work for unit in _cuda.units(grad, axes)]
+        if int(batch.unique_of[position]) not in done:
+            done.add(int(batch.unique_of[position]))
+            grad_units += _backend.units(grad, unit_axes)
+            param_units += _backend.units(param, unit_axes)
     if not grad_units:
         return 0
-    param_units = [unit for _, param, axes in work for unit in _cuda.units(param, axes)]
-    clip, coef = _unit_coefs(_cuda.leaf_norms(grad_units, 2.0), _cuda.leaf_norms(param_units, 2.0), clipping, eps)
+    grad_units = _batch.collect(grad_units, "adaptive_grad_clip_", writes=True, cuda=True)
+    param_units = _batch.collect(param_units, "adaptive_grad_clip_", cuda=True)
+    clip, coef = _unit_coefs(
+        _backend.host_leaf_norms(grad_units, 2.0), _backend.host_leaf_norms(param_units, 2.0), clipping, eps
+    )
     if coef is not None:
-        _cuda.multiply_(grad_units, coef)
+        _backend.scale_(grad_units, coef)
     return int(np.count_nonzero(clip))
 
 
@@ -576,13 +549,6 @@ def _unit_coefs(grad_norms, param_norms, clipping, eps):
     coef = np.ones_like(max_norms)
     np.divide(max_norms, np.maximum(grad_norms, 1e-6), out=coef, where=clip)
     return clip, coef
-
-
-def _units(array, unit_axes):
-    """One view of ``array`` per unit: the other axes moved to the front and indexed."""
-    outer = [a for a in range(array.ndim) if a not in unit_axes]
-    moved = np.transpose(array, outer + list(unit_axes))
-    return [moved[(*index, ...)] for index in np.ndindex(moved.shape[: len(outer)])]
 
 
 def _pair_leaves(grads, params):

@@ -8,9 +8,7 @@ gradients untouched instead of filling them with NaN.
 
 import math
 
-import numpy as np
-
-from . import _batch, _checks, _cpu, _cuda
+from . import _backend, _batch, _checks, _cpu, _dispatch
 from ._collective import Collective
 
 
@@ -78,14 +76,12 @@ def clip_grad_norm_(
             if total is not None:  # finite; the leaves are clipped
                 return total
         batch = _batch.collect(grads, "clip_grad_norm_", writes=True, cuda=True)
-        if batch.cuda and collective.local(replicated):
-            return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite)
+        if collective.local(replicated):
+            return _backend.clip_(batch, p, max_norm, eps, error_if_nonfinite)
         total = collective.total_norm(batch, p, replicated)
-    if batch.cuda:
-        return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, total=total)
-    _check_finite(total, error_if_nonfinite)
-    _scale_to_max_norm_(batch, max_norm, total, eps)
-    return total
+    _backend.check_finite(total, error_if_nonfinite)
+    _backend.scale_to_max_norm_(batch, max_norm, total, eps)
+    return _backend.on_first_device(batch, total)
 
 
 def clip_grad_norm(
@@ -108,15 +104,15 @@ def clip_grad_norm(
         p = _checks.norm_type(norm_type)
         eps = _checks.nonnegative("eps", eps)
         batch = _batch.collect(grads, "clip_grad_norm", cuda=True)
-        if batch.cuda and collective.local(replicated):
-            return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, out_of_place=True)
+        if collective.local(replicated):
+            clipped = batch.copy()
+            total = _backend.clip_(batch, p, max_norm, eps, error_if_nonfinite, target=clipped)
+            return clipped.rebuild(), total
         total = collective.total_norm(batch, p, replicated)  # of the input, as grad_norm gives it
-    if batch.cuda:
-        return _cuda.clip_grad_norm_(batch, p, max_norm, eps, error_if_nonfinite, out_of_place=True, total=total)
-    _check_finite(total, error_if_nonfinite)
+    _backend.check_finite(total, error_if_nonfinite)
     clipped = batch.copy()
-    _scale_to_max_norm_(clipped, max_norm, total, eps)
-    return clipped.rebuild(), total
+    _backend.scale_to_max_norm_(clipped, max_norm, total, eps)
+    return clipped.rebuild(), _backend.on_first_device(batch, total)
 
 
 def clip_grads_with_norm_(grads, max_norm, total_norm, *, eps=1e-6):
@@ -142,15 +138,11 @@ def clip_grads_with_norm_(grads, max_norm, total_norm, *, eps=1e-6):
     array([0.25, 0.5 ])
     """
     max_norm = _checks.nonnegative("max_norm", max_norm)
-    on_gpu = _cuda.is_device_array(total_norm)  # read on the GPU, never copied to the host
+    on_gpu = _dispatch.on_cuda(total_norm)  # read where it is: a GPU total is not copied to the host
     total = total_norm if on_gpu else _checks.total_norm(total_norm)
     eps = _checks.nonnegative("eps", eps)
     batch = _batch.collect(grads, "clip_grads_with_norm_", writes=True, cuda=True)
-    if batch.cuda:
-        return _cuda.clip_grads_with_norm_(batch, max_norm, total, eps)
-    if on_gpu:
-        total = _checks.total_norm(total_norm)
-    _scale_to_max_norm_(batch, max_norm, total, eps)
+    _backend.scale_to_max_norm_(batch, max_norm, total, eps)
 
 
 def clip_grad_norm_per_layer_(grads, max_norm, norm_type=2.0, *, eps=1e-6):
@@ -177,15 +169,7 @@ def clip_grad_norm_per_layer_(grads, max_norm, norm_type=2.0, *, eps=1e-6):
     p = _checks.norm_type(norm_type)
     eps = _checks.nonnegative("eps", eps)
     batch = _batch.collect(grads, "clip_grad_norm_per_layer_", writes=True, cuda=True)
-    if batch.cuda:
-        return _cuda.clip_grad_norm_per_layer_(batch, p, max_norm, eps)
-    norms = _cpu.leaf_norms(batch, p)
-    clip = np.isfinite(norms) & (norms > max_norm)
-    if clip.any():
-        with np.errstate(invalid="ignore", over="ignore"):
-            coef = np.where(clip, max_norm / (norms + eps), 1.0)
-        _cpu.scale_(batch, coef)
-    return norms[batch.unique_of]
+    return _backend.clip_per_layer_(batch, p, max_norm, eps)
 
 
 def clip_grad_value_(grads, clip_value):
@@ -214,8 +198,6 @@ def clip_grad_value_(grads, clip_value):
         if _cpu.plain_list_clamp_(grads, _batch.plain_list(grads, writes=True, real_only=True), clip_value):
             return None
     batch = _batch.collect(grads, "clip_grad_value_", writes=True, real_only=True, cuda=True)
-    if batch.cuda:
-        return _cuda.clip_grad_value_(batch, clip_value)
     _clamp_(batch, clip_value)
 
 
@@ -230,24 +212,11 @@ def clip_grad_value(grads, clip_value):
     """
     clip_value = _checks.nonnegative("clip_value", clip_value)
     batch = _batch.collect(grads, "clip_grad_value", real_only=True, cuda=True)
-    if batch.cuda:
-        return _cuda.clip_grad_value_(batch, clip_value, out_of_place=True)
     clipped = batch.copy()
     _clamp_(clipped, clip_value)
     return clipped.rebuild()
 
 
-def _check_finite(total, error_if_nonfinite):
-    if error_if_nonfinite and not math.isfinite(total):
-        _checks.raise_nonfinite(total)
-
-
-def _scale_to_max_norm_(batch, max_norm, total, eps):
-    """Scale by ``max_norm / (total + eps)`` iff ``total > max_norm`` and is finite."""
-    if math.isfinite(total) and total > max_norm:
-        _cpu.scale_(batch, np.full(len(batch.arrays), max_norm / (total + eps)))
-
-
 def _clamp_(batch, clip_value):
     if clip_value != math.inf:  # inf never clips: write nothing
-        _cpu.clamp_(batch, clip_value)
+        _backend.clamp_(batch, clip_value)

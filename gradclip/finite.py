@@ -1,6 +1,6 @@
 """Non-finite checks and repair."""
 
-from . import _batch, _cpu, _cuda
+from . import _backend, _batch, _cpu
 
 
 def all_finite(grads):
@@ -18,9 +18,7 @@ def all_finite(grads):
     if count is not None:
         return count == 0
     batch = _batch.collect(grads, "all_finite", cuda=True)
-    if batch.cuda:
-        return _cuda.all_finite(batch)
-    return _cpu.count_nonfinite(batch) == 0
+    return _backend.all_finite(batch)
 
 
 def zero_nonfinite_(grads):
@@ -50,6 +48,4 @@ def zero_nonfinite_(grads):
     if changed is not None:
         return changed
     batch = _batch.collect(grads, "zero_nonfinite_", writes=True, cuda=True)
-    if batch.cuda:
-        return _cuda.zero_nonfinite_(batch)
-    return _cpu.zero_nonfinite_(batch)
+    return _backend.zero_nonfinite_(batch)

@@ -6,7 +6,7 @@ import statistics
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _cuda
+from . import _backend, _batch, _checks, _cpu
 
 
 class NormMonitor:
@@ -99,7 +99,7 @@ class NormMonitor:
         else:
             batch = _batch.collect(grads, "NormMonitor.record", cuda=True)
             # one pass for both results; GPU leaves' norms are read on the host (synchronises)
-            unique_norms = _cuda.host_norms(batch, 2.0) if batch.cuda else _cpu.leaf_norms(batch, 2.0)
+            unique_norms = _backend.host_leaf_norms(batch, 2.0)
             norm = _cpu.total_norm(unique_norms, 2.0)
             leaf_norms = unique_norms[batch.unique_of] if self.per_leaf else None
         threshold = math.nan if threshold is None else _checks.recorded_threshold(threshold)

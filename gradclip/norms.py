@@ -1,6 +1,6 @@
 """Total and per-leaf gradient norms."""
 
-from . import _batch, _checks, _cpu, _cuda
+from . import _backend, _batch, _checks, _cpu
 from ._collective import Collective
 
 
@@ -53,10 +53,10 @@ def grad_norm(grads, norm_type=2.0, *, reducer=None, replicated=None):
             if total is not None:
                 return total
         batch = _batch.collect(grads, "grad_norm", cuda=True)
-        if batch.cuda and collective.local(replicated):
-            return _cuda.grad_norm(batch, p)
+        if collective.local(replicated):
+            return _backend.total_norm(batch, p)
         total = collective.total_norm(batch, p, replicated)
-    return _cuda.on_first_device(batch, total) if batch.cuda else total
+    return _backend.on_first_device(batch, total)
 
 
 def layer_norms(grads, norm_type=2.0):
@@ -82,6 +82,4 @@ def layer_norms(grads, norm_type=2.0):
     """
     p = _checks.norm_type(norm_type)
     batch = _batch.collect(grads, "layer_norms", cuda=True)
-    if batch.cuda:
-        return _cuda.layer_norms(batch, p)
-    return _cpu.leaf_norms(batch, p)[batch.unique_of]
+    return _backend.layer_norms(batch, p)

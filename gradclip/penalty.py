@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _cuda
+from . import _backend, _batch, _checks
 from ._collective import Collective
 
 
@@ -74,15 +74,12 @@ def norm_penalty(grads, tau, lam, *, reducer=None, replicated=None):
         norm = collective.total_norm(batch, 2.0, replicated)  # on the host: GPU leaves synchronise
     direction = batch.copy()
     if not math.isfinite(norm):
-        value, fill = math.nan, math.nan
+        value = math.nan
+        _backend.fill_(direction, math.nan)
     elif norm > tau:
-        value, fill = lam * (norm - tau), None
-        _cpu.scale_(direction, np.full(len(direction.arrays), lam / norm))
+        value = lam * (norm - tau)
+        _backend.scale_(direction, np.full(len(direction.arrays), lam / norm))
     else:
-        value, fill = 0.0, 0.0
-    if fill is not None:
-        for array in direction.arrays:
-            array.fill(fill)
-    if batch.cuda:
-        return value, _cuda.multiplied(batch, direction, lam / norm if fill is None else fill, fill is not None)
+        value = 0.0
+        _backend.fill_(direction, 0.0)
     return value, direction.rebuild()

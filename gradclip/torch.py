@@ -6,7 +6,8 @@ takes: a tensor or an iterable of parameters (their ``.grad`` is used, ``None``
 skipped) or, for ``get_total_norm``, the gradient tensors themselves. Norms come
 back as 0-d tensors of the dtype and device PyTorch returns. The gradients are
 read and written in place, zero-copy. CUDA tensors go to gradclip's GPU backend
-through CuPy (``pip install 'gradclip[cuda]'``), and their norm stays on the device.
+(``pip install 'gradclip[cuda]'``) as they are, its work on torch's current stream,
+and their norm stays on the device.
 
 ``import gradclip`` does not import this module; ``import gradclip.torch`` imports torch.
 

@@ -29,16 +29,20 @@ def rng(request):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Kernel launches, counted where the CUDA simulator runs them (GPU tests only)."""
-    from numba.cuda.simulator import kernel as sim_kernel
+    """The names of the kernels launched by the test (GPU tests only)."""
+    from gradclip import _cuda
 
-    counted = []
-    call = sim_kernel.FakeCUDAKernel.__call__
+    monkeypatch.setattr(_cuda._LAUNCHES, "names", [])
+    return _cuda._LAUNCHES.names
 
-    def counting(self, *args):
-        if not self._device and sim_kernel._get_kernel_context() is None:
-            counted.append(self.fn.__name__)
-        return call(self, *args)
 
-    monkeypatch.setattr(sim_kernel.FakeCUDAKernel, "__call__", counting)
-    return counted
+@pytest.fixture
+def small_kernels(monkeypatch):
+    """The CUDA kernels' blocks, chunks and grids patched small, so that multi-block,
+    multi-chunk and grid-stride paths run on the small inputs the simulator can take."""
+    from gradclip._kernels import cuda as kernels
+
+    monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 4)
+    monkeypatch.setattr(kernels, "CHUNK", 8)
+    monkeypatch.setattr(kernels, "BLOCKS_PER_SM", 3)
+    return kernels

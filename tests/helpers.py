@@ -340,3 +340,78 @@ def raises_with(exc, *fragments, regex=()):
         assert f in msg, f"{f!r} not in error message {msg!r}"
     for r in regex:
         assert re.search(r, msg), f"/{r}/ does not match error message {msg!r}"
+
+
+# --------------------------------------------------------------------------- device arrays
+# The GPU tests run on numba-cuda's simulator in CI and on a real GPU in ``make gpu-check``
+# (NUMBA_ENABLE_CUDASIM=0): these helpers make and read device arrays on either.
+
+
+def simulated():
+    from numba.cuda.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def device_array_type():
+    """The class of Numba's device arrays here (the simulator's, or the driver's)."""
+    if simulated():
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray
+
+
+def device_view(device_base, host_base, host_view):
+    """The view of ``device_base`` (a device copy of ``host_base``) that ``host_view`` is of
+    ``host_base``: the same shape, strides and offset."""
+    from numba import cuda
+
+    offset = host_view.__array_interface__["data"][0] - host_base.__array_interface__["data"][0]
+    if simulated():
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        memory = device_base._ary.reshape(-1, order="A").view(np.uint8)
+        return FakeCUDAArray(np.ndarray(host_view.shape, host_view.dtype, buffer=memory, offset=offset, strides=host_view.strides))
+    start = device_base.__cuda_array_interface__["data"][0] + offset
+    bits = np.dtype(np.int16) if host_view.dtype.name == "bfloat16" else host_view.dtype  # Numba knows no bfloat16
+    interface = {
+        "shape": host_view.shape,
+        "strides": host_view.strides,
+        "typestr": bits.str,
+        "data": (start, False),
+        "version": 3,
+    }
+    view = cuda.from_cuda_array_interface(interface, owner=device_base, sync=False)
+    return view if host_view.dtype.name != "bfloat16" else _with_dtype(view, host_view.dtype)
+
+
+def _with_dtype(view, dtype):
+    """A device view whose ``dtype`` is ``dtype`` (Numba's interface knows no bfloat16 name)."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(view.shape, view.strides, dtype, gpu_data=view.gpu_data)
+
+
+def to_host(x):
+    """A device array's values on the host (a NumPy array, bfloat16 kept)."""
+    assert isinstance(x, device_array_type()), f"expected a device array, got {type(x).__name__}"
+    return x.copy_to_host()
+
+
+class ForeignArray:
+    """Only ``__cuda_array_interface__``, pointing at a device array's memory."""
+
+    def __init__(self, device_array, readonly=False):
+        from gradclip import _cuda
+
+        self._keep = device_array
+        self.__cuda_array_interface__ = {
+            "shape": device_array.shape,
+            "strides": device_array.strides,
+            "typestr": device_array.dtype.str,
+            "data": (_cuda._interface(device_array)["data"][0], readonly),
+            "version": 3,
+        }
