@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: $(VENV)/.stamp-test $(VENV)/.stamp-torch
 
 bench: $(VENV)/.stamp-test $(VENV)/.stamp-torch
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/gpu.py --host
+
+# On a machine with an NVIDIA GPU whose python3 already holds numba-cuda, CuPy and a CUDA
+# build of torch (no network needed): the GPU tests on the device, then the GPU bench.
+GPU_JSON ?= bench/results/gpu/latest.json
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py
+	mkdir -p $(dir $(GPU_JSON))
+	$(PYTHON) bench/gpu.py --quick --json $(GPU_JSON)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

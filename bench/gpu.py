@@ -1,150 +1,333 @@
-"""GPU microbenchmarks: gradclip on CuPy arrays vs a CuPy loop vs torch CUDA ``clip_grad_norm_``.
+"""GPU benchmarks and checks: host cost without a GPU, and correctness and speed on one.
 
-Run ``.venv/bin/python bench/gpu.py [--quick] [--repeats N]`` on a machine with an NVIDIA
-GPU and ``pip install -e '.[cuda,torch]'`` (a CUDA build of torch). Without a GPU it
-prints one line and exits 0.
+``python bench/gpu.py --host`` (no GPU needed; ``make bench`` runs it): the host's cost
+of ``clip_grad_norm_`` on W2 (GPT-2 small, 148 leaves), W4 (10,000 x 256) and W5
+(100 x 10), float32, on the CUDA simulator's arrays with the kernels not run: every
+launch is prepared and its arguments marshalled as on a GPU (numba-cuda's compiled
+kernel and the driver's launch stubbed), and counted. Per call: microseconds on the
+first call (the plan is made and uploaded) and on later ones (the plan is reused),
+launches, and arguments per launch.
 
-Workloads W1-W5 of ``workloads.py`` in float32 and float16 (CuPy has no bfloat16;
-the strided variants are left out), copied to the device once. For each workload:
-the copy probe (``cupy.copyto`` between two buffers of the workload's bytes: read +
-write), then ``grad_norm`` and ``clip_grad_norm_`` for each contender on the same
-device memory. A sample is the mean of ``inner`` calls between two stream
-synchronisations; the table shows the median over repeats, GB/s (gradient bytes,
-x2 for clipping, which reads for the norm then reads and writes) and the fraction
-of the probe's GB/s. In-place clipping is undone (untimed) after every call.
+``python bench/gpu.py --quick [--json PATH]`` (a machine with an NVIDIA GPU, CuPy and a
+CUDA build of torch; ``make gpu-check`` runs it): one table of
+
+- correctness on torch tensors of every dtype against the CPU path (bit for bit where
+  one rounding is involved, norms within 1e-12), on the current stream of a side
+  stream, and the interop probes (bfloat16, ``requires_grad``);
+- W2, W4, W5 in float32: gradclip on CuPy arrays and on torch tensors against
+  ``torch.nn.utils.clip_grad_norm_(foreach=True)`` and ``get_total_norm``, wall time per
+  call with the host included (a synchronisation after each call), and GB/s against a
+  device-to-device copy (``dst.copy_(src)``, read + write) of the same bytes;
+- the cold start: the first ``clip_grad_norm_`` of a fresh process with an empty Numba
+  cache (compiling), and of a second one (loading the kernels from the cache);
+- a sweep of threads per block and blocks per multiprocessor on W2's norm.
+
+Without a GPU, ``--quick`` prints one line and exits 0.
 """
 
 import argparse
+import json
+import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from workloads import CLIP_TO, all_workloads, reference_norm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import gpt2_small_shapes  # noqa: E402
 
-INNER = 20
+WORKLOADS = {
+    "W2": ("GPT-2 small, 148 leaves", gpt2_small_shapes),
+    "W4": ("10,000 x 256", lambda: [(256,)] * 10_000),
+    "W5": ("100 x 10", lambda: [(10,)] * 100),
+}
+
+
+# ------------------------------------------------------------------ host cost
+
+
+def host_cost(repeats):
+    """Rows of the host-cost table (see the module docstring)."""
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import numpy as np
+    from numba import cuda
+
+    import gradclip
+    from gradclip import _cuda
+
+    class Stub:
+        """A compiled kernel whose launch does nothing (the driver's call)."""
+
+        def launch(self, stream, grid, threads, shared, args):
+            widths.append(len(args))
+
+    widths = []
+    _cuda._compiled = lambda kernel, array_dtypes, scalar_types: Stub()
+
+    def launch(self, kernel, grid, threads, arrays, scalars):
+        _cuda._LAUNCHES.record(kernel)
+        compiled, args = self.marshalled(kernel, arrays, scalars)
+        compiled.launch(None, grid, threads, threads * 8, args)
+
+    _cuda._Launcher.launch = launch
+    rows = []
+    for name, (title, shapes) in WORKLOADS.items():
+        leaves = [cuda.to_device(np.ones(shape, np.float32)) for shape in shapes()]
+        _cuda._LAUNCHES.names = names = []
+        start = time.perf_counter()
+        gradclip.clip_grad_norm_(leaves, 0.5)
+        first = time.perf_counter() - start
+        launches, arguments = len(names), max(widths)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            gradclip.clip_grad_norm_(leaves, 0.5)
+            samples.append(time.perf_counter() - start)
+        _cuda._LAUNCHES.names = None
+        rows.append((name, title, first, statistics.median(samples), launches, arguments))
+    return rows
+
+
+def print_host(rows):
+    print("host cost of clip_grad_norm_ (float32; kernels not run, launches marshalled and counted)")
+    print(f"{'workload':<28} {'first call':>12} {'plan reused':>12} {'launches':>9} {'args/launch':>12}")
+    for name, title, first, reused, launches, arguments in rows:
+        print(f"{name + ' ' + title:<28} {first * 1e6:>10.0f}us {reused * 1e6:>10.1f}us {launches:>9} {arguments:>12}")
+
+
+# -------------------------------------------------------------------- the GPU
 
 
 def gpu_or_exit():
-    """CuPy with at least one device, or print why not and exit 0."""
     try:
         import cupy
+        import torch
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception as error:  # no CuPy, no driver, no device: all mean "no GPU here"
+        if cupy.cuda.runtime.getDeviceCount() > 0 and torch.cuda.is_available():
+            return cupy, torch
+    except Exception as error:  # no CuPy, no torch, no driver, no device: all mean "no GPU here"
         print(f"bench/gpu.py: no CUDA GPU available ({type(error).__name__}: {error}); skipped")
         sys.exit(0)
     print("bench/gpu.py: no CUDA GPU available; skipped")
     sys.exit(0)
 
 
-def contenders(cupy):
+def timed(torch, call, after=None, budget=1.0):
+    """Median wall seconds per call, the host included, after one warm-up call."""
+    call()
+    if after:
+        after()
+    torch.cuda.synchronize()
+    samples = []
+    while len(samples) < 5 or (len(samples) < 50 and sum(samples) < budget):
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+        if after:
+            after()
+    return statistics.median(samples)
+
+
+def correctness(cupy, torch):
+    """Rows: gradclip on torch tensors of every dtype against the CPU path on copies."""
+    import numpy as np
+
     import gradclip
 
-    def cupy_norm(leaves):
-        return cupy.sqrt(sum((g.astype(cupy.float64) ** 2).sum() for g in leaves))
+    rows = []
+    rng = np.random.default_rng(7)
+    shapes = [(5,), (257,), (33, 65), (3, 70000), (16385,), (2, 2), (), (0,)]
+    for name in ("float16", "bfloat16", "float32", "float64", "complex64", "complex128"):
+        dtype = getattr(torch, name)
+        try:
+            bases = [torch.from_numpy(rng.standard_normal(s)).to(dtype if not dtype.is_complex else torch.float64) for s in shapes]
+            if dtype.is_complex:
+                bases = [torch.complex(b, torch.from_numpy(rng.standard_normal(b.shape))).to(dtype) for b in bases]
+            views = [lambda t: t, lambda t: t.T if t.dim() == 2 else t, lambda t: t[..., ::2] if t.dim() else t]
+            cpu = [views[i % 3](b.clone()) for i, b in enumerate(bases)]
+            gpu = [views[i % 3](b.clone().cuda()) for i, b in enumerate(bases)]
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                errors = []
+                for p in (2.0, 1.0, math.inf, 3.0):
+                    ref, got = gradclip.grad_norm(cpu, p), float(gradclip.grad_norm(gpu, p).item())
+                    errors.append(abs(got - ref) / ref)
+                layer_ref, layer = gradclip.layer_norms(cpu), gradclip.layer_norms(gpu).cpu().numpy()
+                errors.append(float(np.max(np.abs(layer - layer_ref) / np.where(layer_ref, layer_ref, 1))))
+                max_norm = 0.5 * gradclip.grad_norm(cpu)
+                total = gradclip.clip_grad_norm_(gpu, max_norm)  # the device decides and scales
+                gradclip.clip_grads_with_norm_(cpu, max_norm, float(total.item()))  # the CPU, by the same total
+                if not dtype.is_complex:
+                    gradclip.clip_grad_value_(gpu, 0.3)
+                    gradclip.clip_grad_value_(cpu, 0.3)
+                for t in (gpu[1], cpu[1]):
+                    t.view(-1)[3] = float("nan") if not dtype.is_complex else complex(float("nan"), 1.0)
+                changed = int(gradclip.zero_nonfinite_(gpu).item()), gradclip.zero_nonfinite_(cpu)
+            torch.cuda.synchronize()
+            as_bits = lambda t: t.contiguous().view(torch.uint8) if t.numel() else t  # noqa: E731
+            same = all(torch.equal(as_bits(g.cpu()), as_bits(c)) for g, c in zip(gpu, cpu)) and changed[0] == changed[1]
+            ok = max(errors) < 1e-12 and same
+            rows.append((f"check torch {name}", f"norm rel.err {max(errors):.1e}", "bits equal" if same else "BITS DIFFER", "", "OK" if ok else "FAIL"))
+        except Exception as error:
+            rows.append((f"check torch {name}", f"{type(error).__name__}: {str(error)[:60]}", "", "", "ERROR"))
+    return rows
 
-    def cupy_clip(leaves, max_norm):
-        total = cupy_norm(leaves)
-        coef = cupy.minimum(max_norm / (total + 1e-6), 1.0)
-        for g in leaves:
-            g *= coef.astype(g.dtype)
-        return total
 
-    found = {
-        "gradclip": (gradclip.grad_norm, lambda leaves, m: gradclip.clip_grad_norm_(leaves, m)),
-        "cupy loop": (cupy_norm, cupy_clip),
-    }
+def probes(torch):
+    """The interop probes: a side stream busy before the gradient is written; bf16; requires_grad."""
+    import gradclip
+
+    rows = []
     try:
-        import torch
-
-        if torch.cuda.is_available():
-
-            def as_parameters(leaves):
-                """Parameters whose ``.grad`` shares the leaves' memory (as torch reads them)."""
-                parameters = []
-                for g in leaves:
-                    parameter = torch.nn.Parameter(torch.empty(g.shape, dtype=torch.float32, device="cuda"))
-                    parameter.grad = torch.as_tensor(g, device="cuda")
-                    parameters.append(parameter)
-                return parameters
-
-            found["torch"] = (
-                lambda parameters: torch.nn.utils.get_total_norm([p.grad for p in parameters]),
-                lambda parameters, max_norm: torch.nn.utils.clip_grad_norm_(parameters, max_norm),
-                as_parameters,
-            )
-    except ImportError:
-        print("torch is not installed: no torch column", file=sys.stderr)
-    return found
-
-
-def timed(cupy, call, arg, inner, after=None):
-    """Seconds per call: ``inner`` calls between stream synchronisations (``after`` untimed)."""
-    stream = cupy.cuda.get_current_stream()
-    total = 0.0
-    for _ in range(inner):
-        stream.synchronize()
-        start = time.perf_counter()
-        call(arg)
-        stream.synchronize()
-        total += time.perf_counter() - start
-        if after is not None:
-            after()
-    return total / inner
+        g, a, s = torch.zeros(1 << 24, device="cuda"), torch.randn(8192, 8192, device="cuda"), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s):
+            for _ in range(8):
+                a = a @ a / 90.5  # work queued on s before g is written
+            g.fill_(1.0)
+            n = float(gradclip.grad_norm([g]).item())
+        rows.append(("probe torch side stream", f"norm {n:.0f} (want 4096)", "", "", "OK" if n == 4096 else "RACE"))
+    except Exception as error:
+        rows.append(("probe torch side stream", f"{type(error).__name__}: {str(error)[:60]}", "", "", "ERROR"))
+    for name, leaf, want in (
+        ("torch bf16", torch.ones(4, device="cuda", dtype=torch.bfloat16), 2.0),
+        ("torch requires_grad (read)", torch.ones(4, device="cuda", requires_grad=True), 2.0),
+    ):
+        try:
+            n = float(gradclip.grad_norm([leaf]).item())
+            rows.append((f"probe {name}", f"norm {n:.1f}", "", "", "OK" if n == want else "FAIL"))
+        except Exception as error:
+            rows.append((f"probe {name}", f"{type(error).__name__}: {str(error)[:60]}", "", "", "FAIL"))
+    try:
+        gradclip.clip_grad_norm_([torch.ones(4, device="cuda", requires_grad=True)], 1.0)
+        rows.append(("probe torch requires_grad (write)", "written", "", "", "FAIL"))
+    except ValueError as error:
+        rows.append(("probe torch requires_grad (write)", f"refused: {str(error)[:40]}", "", "", "OK"))
+    return rows
 
 
-def copy_probe(cupy, nbytes, repeats):
-    """GB/s (read + write) of ``cupy.copyto`` between two buffers of ``nbytes``."""
-    src = cupy.empty(nbytes, cupy.uint8)
-    dst = cupy.empty_like(src)
-    seconds = statistics.median(timed(cupy, lambda _: cupy.copyto(dst, src), None, INNER) for _ in range(repeats))
-    return 2 * nbytes / seconds / 1e9
+def speed(cupy, torch, workloads):
+    """Rows: W2/W4/W5 norm and clip for each contender, with the copy probe's GB/s."""
+    import gradclip
+
+    rows, results = [], {}
+    for name in workloads:
+        title, shapes = WORKLOADS[name]
+        tensors = [torch.randn(shape, device="cuda") for shape in shapes()]
+        arrays = [cupy.from_dlpack(t) for t in tensors]
+        params = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]
+        for p, t in zip(params, tensors):
+            p.grad = t
+        nbytes = 4 * sum(t.numel() for t in tensors)
+        m = 0.5 * float(torch.nn.utils.get_total_norm(tensors))  # halves every call; undone (untimed)
+        src, dst = torch.empty(nbytes // 4, device="cuda"), torch.empty(nbytes // 4, device="cuda")
+        copy = 2 * nbytes / timed(torch, lambda: dst.copy_(src))
+        undo = lambda: torch._foreach_mul_(tensors, 2.0)  # noqa: E731
+        runs = {
+            "norm": (1, {
+                "gradclip cupy": lambda: gradclip.grad_norm(arrays),
+                "gradclip torch": lambda: gradclip.grad_norm(tensors),
+                "torch foreach": lambda: torch.nn.utils.get_total_norm(tensors, foreach=True),
+            }),
+            "clip": (3, {
+                "gradclip cupy": lambda: gradclip.clip_grad_norm_(arrays, m),
+                "gradclip torch": lambda: gradclip.clip_grad_norm_(tensors, m),
+                "torch foreach": lambda: torch.nn.utils.clip_grad_norm_(params, m, foreach=True),
+            }),
+        }
+        for op, (passes, contenders) in runs.items():
+            for who, call in contenders.items():
+                try:
+                    seconds = timed(torch, call, undo if op == "clip" else None)
+                    gbs = passes * nbytes / seconds
+                    results[f"{name} {op} {who}"] = seconds
+                    rows.append((f"{name} {op}", who, f"{seconds * 1e3:.3f} ms", f"{gbs / 1e9:.0f} GB/s", f"{gbs / copy:.0%} of copy"))
+                except Exception as error:
+                    rows.append((f"{name} {op}", who, f"{type(error).__name__}: {str(error)[:40]}", "", "ERROR"))
+        for op in runs:
+            ours, theirs = results.get(f"{name} {op} gradclip torch"), results.get(f"{name} {op} torch foreach")
+            if ours and theirs:
+                rows.append((f"{name} {op}", "gradclip torch vs torch foreach", f"{theirs / ours:.2f}x", "", ""))
+        del tensors, arrays, params, src, dst
+    return rows
+
+
+COLD = """
+import time, torch, gradclip
+g = [torch.randn(1 << 20, device="cuda") for _ in range(4)]
+torch.cuda.synchronize()
+start = time.perf_counter()
+gradclip.clip_grad_norm_(g, 1.0)
+torch.cuda.synchronize()
+print(time.perf_counter() - start)
+"""
+
+
+def cold_start():
+    """Rows: the first clip of a fresh process, with an empty Numba cache and then with it filled."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for what in ("empty cache (compiles)", "cache filled (loads)"):
+            done = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, env=env, timeout=300)
+            if done.returncode:
+                rows.append(("first clip_grad_norm_", what, done.stderr.strip().splitlines()[-1][:60], "", "ERROR"))
+            else:
+                rows.append(("first clip_grad_norm_", what, f"{float(done.stdout.split()[-1]):.2f} s", "", ""))
+    return rows
+
+
+def sweep(torch):
+    """Rows: W2's norm for threads per block x blocks per multiprocessor."""
+    import gradclip
+    from gradclip import _cuda
+    from gradclip._kernels import cuda as kernels
+
+    tensors = [torch.randn(shape, device="cuda") for shape in gpt2_small_shapes()]
+    nbytes = 4 * sum(t.numel() for t in tensors)
+    rows = []
+    defaults = kernels.THREADS_PER_BLOCK, kernels.BLOCKS_PER_SM
+    for threads in (128, 256, 512):
+        for blocks in (4, 8, 16):
+            kernels.THREADS_PER_BLOCK, kernels.BLOCKS_PER_SM = threads, blocks
+            _cuda._PLANS.clear()
+            seconds = timed(torch, lambda: gradclip.grad_norm(tensors))
+            rows.append(("sweep W2 norm", f"{threads} threads x {blocks} blocks/SM", f"{seconds * 1e3:.3f} ms", f"{nbytes / seconds / 1e9:.0f} GB/s", ""))
+    kernels.THREADS_PER_BLOCK, kernels.BLOCKS_PER_SM = defaults
+    _cuda._PLANS.clear()
+    return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller W1, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--host", action="store_true", help="host cost without a GPU")
+    parser.add_argument("--quick", action="store_true", help="correctness, speed and cold start on a GPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    cupy = gpu_or_exit()
-    repeats = args.repeats or (3 if args.quick else 7)
-    racers = contenders(cupy)
-    device = cupy.cuda.Device()
-    print(f"device: {cupy.cuda.runtime.getDeviceProperties(device.id)['name'].decode()}")
-    print(f"{'workload':<34} {'operation':<16} {'contender':<10} {'median':>10} {'GB/s':>8} {'of copy':>8}")
-    for workload in all_workloads(args.quick):
-        if workload.strided or workload.dtype_name == "bfloat16":
-            continue
-        host = workload.build().first().arrays
-        leaves = [cupy.asarray(a) for a in host]
-        pristine = [g.copy() for g in leaves]
-        expected = reference_norm(host)
-        copy_gbps = copy_probe(cupy, workload.nbytes, repeats)
-
-        def restore():
-            for g, p in zip(leaves, pristine):
-                g[...] = p
-
-        for name, (norm, clip, *wrap) in racers.items():
-            handle = wrap[0](leaves) if wrap else leaves
-            got = float(norm(handle))
-            error = abs(got - expected) / expected
-            for op, call, passes, after in (
-                ("grad_norm", lambda h: norm(h), 1, None),
-                ("clip_grad_norm_", lambda h: clip(h, CLIP_TO * expected), 2, restore),
-            ):
-                call(handle)  # warm up: compile, allocate
-                if after:
-                    after()
-                median = statistics.median(timed(cupy, call, handle, INNER, after) for _ in range(repeats))
-                gbps = passes * workload.nbytes / median / 1e9
-                print(
-                    f"{workload.name + ' ' + workload.title:<34} {op:<16} {name:<10} "
-                    f"{median * 1e3:>8.3f}ms {gbps:>8.1f} {gbps / copy_gbps:>7.0%}"
-                    + (f"  norm error {error:.1e}" if op == "grad_norm" else "")
-                )
-    print(f"copy probe: cupy.copyto, GB/s of read + write bytes; {INNER} calls per sample, median of {repeats}")
+    if args.host:
+        print_host(host_cost(args.repeats))
+        return
+    cupy, torch = gpu_or_exit()
+    device = torch.cuda.get_device_properties(0)
+    rows = [("device", device.name, f"{device.multi_processor_count} SMs", f"torch {torch.__version__}", f"cupy {cupy.__version__}")]
+    sections = [lambda: correctness(cupy, torch), lambda: probes(torch), lambda: speed(cupy, torch, WORKLOADS)]
+    if args.quick:
+        sections += [cold_start, lambda: sweep(torch)]
+    for section in sections:
+        try:
+            rows += section()
+        except Exception as error:
+            rows.append(("section", getattr(section, "__name__", "?"), f"{type(error).__name__}: {str(error)[:60]}", "", "ERROR"))
+        print("\n".join(f"{r[0]:<34} {r[1]:<40} {r[2]:<14} {r[3]:<12} {r[4]}" for r in rows), flush=True)
+        printed, rows = rows, []
+        if args.json:
+            existing = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else []
+            Path(args.json).write_text(json.dumps(existing + [list(r) for r in printed], indent=1))
 
 
 if __name__ == "__main__":
