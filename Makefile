@@ -36,9 +36,9 @@ bench: $(VENV)/.stamp-test $(VENV)/.stamp-torch
 GPU_JSON ?= bench/results/gpu/latest.json
 gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py
 	mkdir -p $(dir $(GPU_JSON))
-	$(PYTHON) bench/gpu.py --quick --json $(GPU_JSON)
+	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py; \
+	tests=$$?; $(PYTHON) bench/gpu.py --quick --json $(GPU_JSON) && exit $$tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

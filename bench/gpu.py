@@ -168,7 +168,7 @@ def correctness(cupy, torch):
                     t.view(-1)[3] = float("nan") if not dtype.is_complex else complex(float("nan"), 1.0)
                 changed = int(gradclip.zero_nonfinite_(gpu).item()), gradclip.zero_nonfinite_(cpu)
             torch.cuda.synchronize()
-            as_bits = lambda t: t.contiguous().view(torch.uint8) if t.numel() else t  # noqa: E731
+            as_bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
             same = all(torch.equal(as_bits(g.cpu()), as_bits(c)) for g, c in zip(gpu, cpu)) and changed[0] == changed[1]
             ok = max(errors) < 1e-12 and same
             rows.append((f"check torch {name}", f"norm rel.err {max(errors):.1e}", "bits equal" if same else "BITS DIFFER", "", "OK" if ok else "FAIL"))
@@ -212,47 +212,50 @@ def probes(torch):
 
 def speed(cupy, torch, workloads):
     """Rows: W2/W4/W5 norm and clip for each contender, with the copy probe's GB/s."""
+    rows = []
+    for name in workloads:
+        rows += _speed_of(cupy, torch, name)
+    return rows
+
+
+def _speed_of(cupy, torch, name):
     import gradclip
 
     rows, results = [], {}
-    for name in workloads:
-        title, shapes = WORKLOADS[name]
-        tensors = [torch.randn(shape, device="cuda") for shape in shapes()]
-        arrays = [cupy.from_dlpack(t) for t in tensors]
-        params = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]
-        for p, t in zip(params, tensors):
-            p.grad = t
-        nbytes = 4 * sum(t.numel() for t in tensors)
-        m = 0.5 * float(torch.nn.utils.get_total_norm(tensors))  # halves every call; undone (untimed)
-        src, dst = torch.empty(nbytes // 4, device="cuda"), torch.empty(nbytes // 4, device="cuda")
-        copy = 2 * nbytes / timed(torch, lambda: dst.copy_(src))
-        undo = lambda: torch._foreach_mul_(tensors, 2.0)  # noqa: E731
-        runs = {
-            "norm": (1, {
-                "gradclip cupy": lambda: gradclip.grad_norm(arrays),
-                "gradclip torch": lambda: gradclip.grad_norm(tensors),
-                "torch foreach": lambda: torch.nn.utils.get_total_norm(tensors, foreach=True),
-            }),
-            "clip": (3, {
-                "gradclip cupy": lambda: gradclip.clip_grad_norm_(arrays, m),
-                "gradclip torch": lambda: gradclip.clip_grad_norm_(tensors, m),
-                "torch foreach": lambda: torch.nn.utils.clip_grad_norm_(params, m, foreach=True),
-            }),
-        }
-        for op, (passes, contenders) in runs.items():
-            for who, call in contenders.items():
-                try:
-                    seconds = timed(torch, call, undo if op == "clip" else None)
-                    gbs = passes * nbytes / seconds
-                    results[f"{name} {op} {who}"] = seconds
-                    rows.append((f"{name} {op}", who, f"{seconds * 1e3:.3f} ms", f"{gbs / 1e9:.0f} GB/s", f"{gbs / copy:.0%} of copy"))
-                except Exception as error:
-                    rows.append((f"{name} {op}", who, f"{type(error).__name__}: {str(error)[:40]}", "", "ERROR"))
-        for op in runs:
-            ours, theirs = results.get(f"{name} {op} gradclip torch"), results.get(f"{name} {op} torch foreach")
-            if ours and theirs:
-                rows.append((f"{name} {op}", "gradclip torch vs torch foreach", f"{theirs / ours:.2f}x", "", ""))
-        del tensors, arrays, params, src, dst
+    tensors = [torch.randn(shape, device="cuda") for shape in WORKLOADS[name][1]()]
+    arrays = [cupy.from_dlpack(t) for t in tensors]
+    params = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]
+    for p, t in zip(params, tensors):
+        p.grad = t
+    nbytes = 4 * sum(t.numel() for t in tensors)
+    m = 0.5 * float(torch.nn.utils.get_total_norm(tensors))  # halves every call; undone (untimed)
+    src, dst = torch.empty(nbytes // 4, device="cuda"), torch.empty(nbytes // 4, device="cuda")
+    copy = 2 * nbytes / timed(torch, lambda: dst.copy_(src))
+    undo = lambda: torch._foreach_mul_(tensors, 2.0)  # noqa: E731
+    runs = {
+        "norm": (1, {
+            "gradclip cupy": lambda: gradclip.grad_norm(arrays),
+            "gradclip torch": lambda: gradclip.grad_norm(tensors),
+            "torch foreach": lambda: torch.nn.utils.get_total_norm(tensors, foreach=True),
+        }),
+        "clip": (3, {
+            "gradclip cupy": lambda: gradclip.clip_grad_norm_(arrays, m),
+            "gradclip torch": lambda: gradclip.clip_grad_norm_(tensors, m),
+            "torch foreach": lambda: torch.nn.utils.clip_grad_norm_(params, m, foreach=True),
+        }),
+    }
+    for op, (passes, contenders) in runs.items():
+        for who, call in contenders.items():
+            try:
+                seconds = timed(torch, call, undo if op == "clip" else None)
+                gbs = passes * nbytes / seconds
+                results[f"{op} {who}"] = seconds
+                rows.append((f"{name} {op}", who, f"{seconds * 1e3:.3f} ms", f"{gbs / 1e9:.0f} GB/s", f"{gbs / copy:.0%} of copy"))
+            except Exception as error:
+                rows.append((f"{name} {op}", who, f"{type(error).__name__}: {str(error)[:40]}", "", "ERROR"))
+        ours, theirs = results.get(f"{op} gradclip torch"), results.get(f"{op} torch foreach")
+        if ours and theirs:
+            rows.append((f"{name} {op}", "gradclip torch vs torch foreach", f"{theirs / ours:.2f}x", "", ""))
     return rows
 
 

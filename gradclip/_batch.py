@@ -83,7 +83,7 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
         return batch
     index = {}
     arrays, originals, unique_of = [], [], []
-    gpu_unique, gpu_leaves, gpu_positions = [], [], []
+    gpu_unique, gpu_leaves = [], []
     for position, leaf in enumerate(leaves):
         unique = index.get(id(leaf))
         if unique is None:

@@ -38,6 +38,8 @@ from . import _checks, _table
 _PLANS_KEPT = 16
 """Plans kept for reuse (most recently used first)."""
 
+_FLOAT64 = np.dtype(np.float64)
+
 
 @functools.cache
 def _cuda():
@@ -259,10 +261,10 @@ class _Buffer:
     """1-d, contiguous memory of one dtype for a kernel argument: ``ptr``, ``n`` elements,
     and the object that owns it (kept alive)."""
 
-    __slots__ = ("ptr", "n", "dtype", "owner")
+    __slots__ = ("ptr", "n", "dtype", "owner", "_abi")
 
     def __init__(self, ptr, n, dtype, owner=None):
-        self.ptr, self.n, self.dtype, self.owner = ptr, n, np.dtype(dtype), owner
+        self.ptr, self.n, self.dtype, self.owner, self._abi = ptr, n, np.dtype(dtype), owner, None
 
     def kernel_array(self):
         """The argument as the simulator's kernels take it: a device array over this memory."""
@@ -274,9 +276,11 @@ class _Buffer:
 
     def abi(self):
         """Numba's arguments for a 1-d C-contiguous array: meminfo, parent, size,
-        itemsize, data, shape, stride."""
-        itemsize = self.dtype.itemsize
-        return (0, 0, self.n, itemsize, self.ptr, self.n, itemsize)
+        itemsize, data, shape, stride (made once: plans launch with the same ones often)."""
+        if self._abi is None:
+            itemsize = self.dtype.itemsize
+            self._abi = (0, 0, self.n, itemsize, self.ptr, self.n, itemsize)
+        return self._abi
 
 
 def _address(array):
@@ -322,7 +326,7 @@ class _Launcher:
         passes them to the driver."""
         compiled = _compiled(kernel, tuple(b.dtype for b in arrays), tuple(t for _, t in scalars))
         args = [value for b in arrays for value in b.abi()]
-        args += [ctypes.c_int64(v) if t == "i8" else ctypes.c_double(v) for v, t in scalars]
+        args += [_C_TYPES[t](v) for v, t in scalars]
         return compiled, args
 
     def wait_for(self, handle):
@@ -334,6 +338,9 @@ class _Launcher:
         """Make stream ``handle`` wait for the work queued so far on this one."""
         if not simulated():
             _core_stream(handle).wait(self._core_stream)
+
+
+_C_TYPES = {"i8": ctypes.c_int64, "f8": ctypes.c_double}
 
 
 class _LaunchLog:
@@ -568,7 +575,7 @@ class Plan:
     def finish(self, mode, p, flags, out):
         kernels = _kernels()
         self.launcher.launch(
-            kernels.finish_cuda, 1, kernels.THREADS_PER_BLOCK, [self._table, self._scratch, out],
+            kernels.finish_cuda, 1, kernels.FINISH_THREADS, [self._table, self._scratch, out],
             [(mode, "i8"), (p, "f8"), (flags, "i8")],
         )
 
@@ -641,12 +648,12 @@ class Plan:
         return _buffer_of(array), array
 
     def scalar(self, array):
-        """Element 0 of a result ``array`` (from `new`) as a 0-d array of its kind."""
-        return _shaped(self.kind, array, (), (), array.dtype, 0)
+        """Element 0 of a float64 result ``array`` (from `new`) as a 0-d array of its kind."""
+        return _shaped(self.kind, array, (), (), _FLOAT64, 0)
 
     def tail(self, array):
-        """Elements 1 on of a result ``array``."""
-        return _shaped(self.kind, array, (array.shape[0] - 1,), (array.dtype.itemsize,), array.dtype, array.dtype.itemsize)
+        """Elements 1 on of a float64 result ``array``."""
+        return _shaped(self.kind, array, (array.shape[0] - 1,), (8,), _FLOAT64, 8)
 
     # ------------------------------------------------------------- dense copies
 
@@ -796,7 +803,7 @@ class _PlanCache:
             if plan is None or plan.ids != ids or not plan.alive:
                 return None
             self._plans.move_to_end((stream, len(ids), ids[0]))
-        if plan.pointers is not None and [leaves[i].data_ptr() for i in plan.pointers[0]] != plan.pointers[1]:
+        if plan.pointers is not None and _data_pointers(leaves, plan.pointers[0]) != plan.pointers[1]:
             return None
         return plan
 
@@ -811,7 +818,9 @@ class _PlanCache:
             return
         plan.ids = ids
         tensors = [i for i, leaf in enumerate(leaves) if type(leaf).__module__.startswith("torch")]
-        plan.pointers = (tensors, [leaves[i].data_ptr() for i in tensors]) if tensors else None
+        plan.pointers = None
+        if tensors:
+            plan.pointers = (None if len(tensors) == len(leaves) else tensors, _data_pointers(leaves, tensors))
         with self._lock:
             self._plans[(stream, len(ids), ids[0])] = plan
             while len(self._plans) > _PLANS_KEPT:
@@ -826,6 +835,12 @@ class _PlanCache:
     def clear(self):
         with self._lock:
             self._plans.clear()
+
+
+def _data_pointers(leaves, tensors):
+    """The data pointers of the torch tensors at ``tensors`` in ``leaves`` (all if None)."""
+    data_ptr = sys.modules["torch"].Tensor.data_ptr
+    return list(map(data_ptr, leaves if tensors is None else [leaves[i] for i in tensors]))
 
 
 _PLANS = _PlanCache()
@@ -960,7 +975,7 @@ def clip_(batch, max_norm, eps, total=None):
     scratch: the device decides), a host float (the host decides), or a 0-d / 1-element
     float64 device array (the device reads it)."""
     kernels = _kernels()
-    with batch.cuda as plan:
+    with batch.cuda:
         if total is None:
             batch.cuda.run("scale_cuda_", a=max_norm, b=eps, c=float(kernels.BY_TOTAL))
         elif isinstance(total, float):
@@ -1223,7 +1238,9 @@ class Accumulation:
 def _write(flat, values, plan):
     """Copy host ``values`` into the device array ``flat`` (of the plan's kind)."""
     if simulated() or plan.kind not in ("torch", "cupy"):
-        flat.copy_to_device(values.view(flat.dtype) if values.dtype != flat.dtype else values, stream=plan._numba_stream())
+        bits = _kernel_dtype(values.dtype)  # Numba copies no bfloat16 host arrays: its bits as int16
+        flat = _shaped("numba", flat, flat.shape, flat.strides, bits, 0)
+        flat.copy_to_device(values.view(bits), stream=plan._numba_stream())
     elif plan.kind == "torch":
         torch = sys.modules["torch"]
         flat.copy_(torch.from_numpy(values.view(np.int16) if values.dtype.name == "bfloat16" else values))

@@ -23,17 +23,24 @@ from . import _checks
 
 _DLPACK_CPU = 1
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+_CUDA_TYPES = set()
+"""Array types known to live in CUDA memory (CuPy's, Numba's), found by `on_cuda`."""
 
 
 def on_cuda(leaf):
     """Whether ``leaf`` is a CUDA array: a torch tensor's own flag, else one attribute check
     (its DLPack device for others)."""
-    if type(leaf) is np.ndarray:
+    kind = type(leaf)
+    if kind is np.ndarray:
         return False
+    if kind in _CUDA_TYPES:
+        return True
     torch = _torch_of(leaf)
     if torch is not None:  # before the interface, which a tensor requiring grad refuses
         return leaf.is_cuda
-    if hasattr(leaf, "__cuda_array_interface__") or hasattr(leaf, "__cuda_ndarray__"):
+    if hasattr(leaf, "__cuda_ndarray__") or hasattr(leaf, "__cuda_array_interface__"):
+        if kind.__module__.startswith(("cupy", "numba")):
+            _CUDA_TYPES.add(kind)  # every array of these types is a CUDA array (CuPy makes the interface per call)
         return True
     device = getattr(leaf, "__dlpack_device__", None)
     return device is not None and hasattr(leaf, "__dlpack__") and int(device()[0]) in _DLPACK_CUDA

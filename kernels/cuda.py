@@ -70,8 +70,12 @@ THREADS_PER_BLOCK = 256
 CHUNK = 1 << 14
 """Elements per chunk: the unit of work and of partial results."""
 
-BLOCKS_PER_SM = 8
-"""Blocks per multiprocessor in a pass's grid (never more than its chunks)."""
+BLOCKS_PER_SM = 16
+"""Blocks per multiprocessor in a pass's grid (never more than its chunks; on an H200 the
+fastest W2 norm of 128, 256 and 512 threads by 4, 8 and 16 blocks, bench/gpu.py's sweep)."""
+
+FINISH_THREADS = 1024
+"""Threads of ``finish_cuda``'s one block (a power of two), which loops over every row."""
 
 PARTIAL_ALIGN = 16
 """Each row's partials start on a multiple of this many float64 (128 bytes)."""

@@ -45,4 +45,5 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 4)
     monkeypatch.setattr(kernels, "CHUNK", 8)
     monkeypatch.setattr(kernels, "BLOCKS_PER_SM", 3)
+    monkeypatch.setattr(kernels, "FINISH_THREADS", 8)
     return kernels

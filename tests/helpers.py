@@ -395,10 +395,41 @@ def _with_dtype(view, dtype):
     return DeviceNDArray(view.shape, view.strides, dtype, gpu_data=view.gpu_data)
 
 
+def to_device(host_array):
+    """A device copy of ``host_array`` (bfloat16 kept: Numba's copies know no bfloat16, so
+    the bits travel as int16 on a GPU)."""
+    from numba import cuda
+
+    if simulated() or host_array.dtype.name != "bfloat16":
+        return cuda.to_device(host_array)
+    return _with_dtype(cuda.to_device(host_array.view(np.int16)), host_array.dtype)
+
+
+def refresh(device_array, host_array):
+    """Copy ``host_array`` over ``device_array`` (same shape and dtype, contiguous)."""
+    if not simulated() and host_array.dtype.name == "bfloat16":
+        device_array, host_array = _with_dtype(device_array, np.dtype(np.int16)), host_array.view(np.int16)
+    device_array.copy_to_device(host_array)
+
+
 def to_host(x):
-    """A device array's values on the host (a NumPy array, bfloat16 kept)."""
+    """A device array's values on the host (a NumPy array, bfloat16 kept), any strides.
+
+    On a GPU, the bytes the array spans are copied as they lie (Numba copies no
+    negative strides and no bfloat16) and viewed with its shape and strides."""
+    from numba import cuda
+
     assert isinstance(x, device_array_type()), f"expected a device array, got {type(x).__name__}"
-    return x.copy_to_host()
+    if simulated():
+        return x.copy_to_host()
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype)
+    low = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s > 0) + x.dtype.itemsize
+    start = x.__cuda_array_interface__["data"][0] + low
+    interface = {"shape": (high - low,), "strides": None, "typestr": "|u1", "data": (start, False), "version": 3}
+    raw = cuda.from_cuda_array_interface(interface, owner=x, sync=False).copy_to_host()
+    return np.ndarray(x.shape, x.dtype, buffer=raw, offset=-low, strides=x.strides)
 
 
 class ForeignArray:

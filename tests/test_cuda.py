@@ -28,6 +28,8 @@ from helpers import (
     device_view,
     dtype_id,
     raises_with,
+    refresh,
+    to_device,
     to_host,
 )
 from reference import (
@@ -66,7 +68,7 @@ class OnDevice:
 
     def __init__(self, layout, shape, dtype, rng, scale=1.0):
         self.host = Strided(layout, shape, dtype, rng, scale)
-        self.base = cuda.to_device(self.host.base)
+        self.base = to_device(self.host.base)
         self.view = device_view(self.base, self.host.base, self.host.view)
         assert isinstance(self.view, DeviceArray)
 
@@ -74,14 +76,14 @@ class OnDevice:
         """Set one element of the view (the last by default), here and on the device."""
         index = self.host.last_index() if index is None else index
         self.host.poke(index, value)
-        self.base.copy_to_device(self.host.base)
+        refresh(self.base, self.host.base)
 
     def values(self):
-        return self.host.view_fn(self.base.copy_to_host())
+        return self.host.view_fn(to_host(self.base))
 
     def assert_base(self, expected_view, what="leaf"):
         """The view holds ``expected_view``, and the memory around it is untouched."""
-        assert_same_bits(self.base.copy_to_host(), self.host.expected_base(expected_view), what=what)
+        assert_same_bits(to_host(self.base), self.host.expected_base(expected_view), what=what)
 
 
 def leaves(dtype, rng, layouts=LAYOUTS, shapes=SHAPES, scale=1.0):
@@ -182,10 +184,10 @@ def test_clip_grad_norm_below_max_norm_or_nonfinite_writes_nothing(rng):
     views = [g.view for g in grads]
     gc.clip_grad_norm_(views, max_norm=1e9)
     grads[3].poke(np.nan)
-    before = [g.base.copy_to_host() for g in grads]
+    before = [to_host(g.base) for g in grads]
     assert math.isnan(host(gc.clip_grad_norm_(views, max_norm=1e-3)))
     for g, b in zip(grads, before):
-        assert_same_bits(g.base.copy_to_host(), b, nan_payload=True)
+        assert_same_bits(to_host(g.base), b, nan_payload=True)
     with raises_with(gc.NonFiniteGradientError, "non-finite"):
         gc.clip_grad_norm_(views, max_norm=1e-3, error_if_nonfinite=True)
 

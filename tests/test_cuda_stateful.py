@@ -17,9 +17,9 @@ from helpers import (
     assert_norm_close,
     assert_norms_close,
     assert_same_bits,
-    device_array_type,
     device_view,
     raises_with,
+    to_device,
     to_host,
 )
 from reference import BFLOAT16, ref_layer_norms, ref_norm, ref_scale, round_to, widen
@@ -27,7 +27,6 @@ from reference import BFLOAT16, ref_layer_norms, ref_norm, ref_scale, round_to, 
 cuda = pytest.importorskip("numba.cuda")  # installed by the test extra: never skipped in CI
 
 from gradclip import _cuda  # noqa: E402
-from gradclip._kernels import cuda as kernels  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("small_kernels")
 
@@ -63,7 +62,7 @@ def on_device(tree):
     while isinstance(root.base, np.ndarray):
         root = root.base
     assert root.flags.c_contiguous or root.flags.f_contiguous
-    return device_view(cuda.to_device(root), root, tree)
+    return device_view(to_device(root), root, tree)
 
 
 def micro_batches(rng, dtype, count, transposed=False):
