@@ -324,7 +324,7 @@ class _Launcher:
     def marshalled(kernel, arrays, scalars):
         """The compiled ``kernel`` for these arguments' types, and the arguments as Numba
         passes them to the driver."""
-        compiled = _compiled(kernel, tuple(b.dtype for b in arrays), tuple(t for _, t in scalars))
+        compiled = _compiled(kernel, tuple([b.dtype for b in arrays]), tuple([t for _, t in scalars]))
         args = [value for b in arrays for value in b.abi()]
         args += [_C_TYPES[t](v) for v, t in scalars]
         return compiled, args
@@ -419,9 +419,13 @@ def _walk(leaf, order=None):
     return start + low * itemsize, -low, merged
 
 
+_INT16 = np.dtype(np.int16)
+
+
 def _kernel_dtype(dtype):
-    """The element type of the kernels' views: bfloat16 as its int16 bits, others as they are."""
-    return np.dtype(np.int16) if dtype.name == "bfloat16" else dtype
+    """The element type of the kernels' views: bfloat16 (the one supported dtype of kind
+    "V") as its int16 bits, others as they are."""
+    return _INT16 if dtype.kind == "V" else dtype
 
 
 class _Group:
@@ -904,17 +908,17 @@ def part(leaves, unique, positions, mixed, keep=None):
 def cached(leaves):
     """The `Part` of a call whose leaves (in position order) are those of a recent call
     on the same stream, or None."""
-    first = describe_kind(leaves[0])
-    if first is None:
+    stream = call_stream(leaves[0])
+    if stream is None:
         return None
-    plan = _PLANS.find(leaves, _stream_of(first))
+    plan = _PLANS.find(leaves, stream)
     if plan is None:
         return None
     return Part(plan.unique, plan.leaves, plan.positions, False, plan)
 
 
 def _keep(part, leaves, unique_of):
-    if describe_kind(leaves[0]) is None:
+    if call_stream(leaves[0]) is None:
         return  # parts of leaves, or producers whose stream is declared per array
     plan = part.plan
     plan.unique, plan.unique_of = part.unique, unique_of
@@ -923,17 +927,18 @@ def _keep(part, leaves, unique_of):
     _PLANS.keep(plan, leaves, plan.stream)
 
 
-def describe_kind(leaf):
-    """A `DeviceLeaf` standing for ``leaf``'s kind and stream, cheaply (no checks); None if
-    ``leaf`` is not one the plan cache serves."""
+def call_stream(leaf):
+    """The handle of the stream a call whose first leaf is ``leaf`` works on, read cheaply
+    (no checks); None if ``leaf`` is not of a kind the plan cache serves."""
+    if type(leaf).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(leaf, torch.Tensor):
-        return DeviceLeaf(leaf, "torch", 0, (), (), None, leaf.device.index)
-    module = type(leaf).__module__
-    if module.startswith("cupy"):
-        return DeviceLeaf(leaf, "cupy", 0, (), (), None, 0)
+        return _torch_stream(leaf.device.index)
     if hasattr(leaf, "__cuda_ndarray__"):
-        return DeviceLeaf(leaf, "numba", 0, (), (), None, 0, stream=getattr(leaf, "stream", 0))
+        return _stream_of(DeviceLeaf(leaf, "numba", 0, (), (), None, 0, stream=getattr(leaf, "stream", 0)))
     return None
 
 
