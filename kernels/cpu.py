@@ -380,6 +380,24 @@ def zero_nonfinite_cpu_(v):
     return n
 
 
+# ---------------------------------------------------------------- the thread pool
+# Numba starts its thread pool (the "threading layer") on the first parallel call of a
+# process.
+#
+# A cached compiled function that calls a parallel one is loaded from the cache by
+# starting the pool first, but Numba writes that into the function's cache entry only
+# when it compiled the parallel callee in the same process. Compiled against a callee
+# loaded from the cache, the entry omits it, and a later process that loads that entry
+# before anything started its pool crashes (numba/numba#8578). So gradclip starts the
+# pool itself before it calls such a function (the one-call paths' parallel ones).
+
+
+@functools.cache
+def _start_pool():
+    """Start Numba's thread pool, once (see above)."""
+    numba.get_num_threads()  # starts the pool to read its size
+
+
 # ------------------------------------------------------------------ drivers
 
 
@@ -839,6 +857,7 @@ def _run_plain(serial, parallel, objects, dtype, required, any_of, size_limit, *
     plain = (id(objects), id(np.ndarray), id(dtype), required, any_of)
     status, result = serial((*plain, 0, PARALLEL_MIN), *args)
     if status == OUT_OF_RANGE:
+        _start_pool()  # before ``parallel`` is loaded (see "the thread pool")
         status, result = parallel((*plain, PARALLEL_MIN, size_limit), *args)
     return result if status == RAN else None
 
