@@ -266,6 +266,18 @@ def _times_impl(x, coef):
     return lambda x, coef: x * coef
 
 
+def _magnitude_over(x, scale):
+    """``|x| / scale`` for a real ``scale > 0``; a complex x is divided part by part first:
+    the magnitude of a subnormal x, rounded to the subnormal grid, is too coarse."""
+
+
+@overload(_magnitude_over)
+def _magnitude_over_impl(x, scale):
+    if isinstance(x, types.Complex):
+        return lambda x, scale: np.hypot(x.real / scale, x.imag / scale)
+    return lambda x, scale: abs(x) / scale
+
+
 def _finite(x):
     """Whether element ``x`` is finite (complex: both parts); a 16-bit code by its bits."""
 
@@ -308,7 +320,7 @@ def sumpow_cpu(v, p, scale):
     """Sum of (|x| / scale)**p in float64; ``scale`` (the max |x|) keeps it finite."""
     s = 0.0
     for i in range(v.size):
-        s += (abs(_widen(v[i])) / scale) ** p
+        s += _magnitude_over(_widen(v[i]), scale) ** p
     return s
 
 

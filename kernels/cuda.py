@@ -245,6 +245,15 @@ def _pow_scaled(x, p, scale):
 
 
 @cuda.jit(device=True)
+def _pow_scaled_complex(x, p, scale):
+    """`_pow_scaled` of a complex x, divided part by part first: the magnitude of a
+    subnormal x, rounded to the subnormal grid, is too coarse."""
+    if not (scale > 0.0 and scale < math.inf):
+        return 0.0
+    return _pow(math.hypot(x.real / scale, x.imag / scale), p)
+
+
+@cuda.jit(device=True)
 def _nonfinite(x, p, scale):
     return 0.0 if math.isfinite(x.real) and math.isfinite(x.imag) else 1.0
 
@@ -483,11 +492,11 @@ def finish_cuda(partials, meta, what, p, peaks, norms, total, positions, by_posi
 class KernelSet:
     """The kernels of one codec, named as their CPU twins."""
 
-    def __init__(self, widen, store, times, zeroed):
+    def __init__(self, widen, store, times, zeroed, pow_scaled):
         self.widen, self.store = widen, store
         self.sumsq_cuda = _reduction(widen, _sq, False)
         self.sumabs_cuda = _reduction(widen, _abs, False)
-        self.sumpow_cuda = _reduction(widen, _pow_scaled, False)
+        self.sumpow_cuda = _reduction(widen, pow_scaled, False)
         self.maxabs_cuda = _reduction(widen, _abs, True)
         self.nonfinite_cuda = _reduction(widen, _nonfinite, False)
         self.scale_cuda_ = _scale(widen, store, times)
@@ -496,9 +505,9 @@ class KernelSet:
         self.multiply_cuda_ = _multiply(widen, store, times)
 
 
-FLOAT = KernelSet(_widen_real, _store_native, _times_real, _zeroed_real)
-COMPLEX = KernelSet(_widen_complex, _store_native, _times_complex, _zeroed_complex)
-BFLOAT16 = KernelSet(_widen_bf16, _store_bf16, _times_real, _zeroed_real)
+FLOAT = KernelSet(_widen_real, _store_native, _times_real, _zeroed_real, _pow_scaled)
+COMPLEX = KernelSet(_widen_complex, _store_native, _times_complex, _zeroed_complex, _pow_scaled_complex)
+BFLOAT16 = KernelSet(_widen_bf16, _store_bf16, _times_real, _zeroed_real, _pow_scaled)
 
 
 def for_dtype(dtype):
