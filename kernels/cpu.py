@@ -430,7 +430,8 @@ def _note_fork():
     _forked_after_pool = _pool_started()
 
 
-os.register_at_fork(after_in_child=_note_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; where it is missing, nothing forks
+    os.register_at_fork(after_in_child=_note_fork)
 
 
 def _in_parallel(size):
