@@ -10,7 +10,8 @@ Work is split into chunks of at most ``CHUNK`` elements of one row. The split
 depends only on the table, never on the thread count, and partial results are
 folded serially in chunk order, so reductions are bit-identical for any
 ``NUMBA_NUM_THREADS``. Small tables run a serial driver (no thread start-up);
-large ones run the same chunks under ``prange``.
+large ones run the same chunks under ``prange``, except in a process forked after
+Numba's thread pool started, where every table runs serially (see "the thread pool").
 
 Element types: float32, float64, complex64 and complex128 are used as they are.
 Numba's CPU target has no float16 and knows no bfloat16, so both travel as their
@@ -30,6 +31,7 @@ table of grads into contiguous buffers (``GradAccumulator``).
 """
 
 import functools
+import os
 
 import numba
 import numpy as np
@@ -264,6 +266,18 @@ def _times_impl(x, coef):
     return lambda x, coef: x * coef
 
 
+def _magnitude_over(x, scale):
+    """``|x| / scale`` for a real ``scale > 0``; a complex x is divided part by part first:
+    the magnitude of a subnormal x, rounded to the subnormal grid, is too coarse."""
+
+
+@overload(_magnitude_over)
+def _magnitude_over_impl(x, scale):
+    if isinstance(x, types.Complex):
+        return lambda x, scale: np.hypot(x.real / scale, x.imag / scale)
+    return lambda x, scale: abs(x) / scale
+
+
 def _finite(x):
     """Whether element ``x`` is finite (complex: both parts); a 16-bit code by its bits."""
 
@@ -306,7 +320,7 @@ def sumpow_cpu(v, p, scale):
     """Sum of (|x| / scale)**p in float64; ``scale`` (the max |x|) keeps it finite."""
     s = 0.0
     for i in range(v.size):
-        s += (abs(_widen(v[i])) / scale) ** p
+        s += _magnitude_over(_widen(v[i]), scale) ** p
     return s
 
 
@@ -378,6 +392,57 @@ def zero_nonfinite_cpu_(v):
             v[i] = _narrow(_finite_or_zero(_widen(v[i])), v)
             n += 1
     return n
+
+
+# ---------------------------------------------------------------- the thread pool
+# Numba starts its thread pool (the "threading layer") on the first parallel call of a
+# process. Two things follow.
+#
+# A process forked after the pool started cannot use it: Linux's default layer, GNU
+# OpenMP, kills such a child at its first parallel region (a 'fork' multiprocessing pool
+# then hangs), and the layer that survives fork, workqueue, aborts when two threads use
+# it at once. A child forked from a process whose pool had started runs every table
+# serially: the same chunks in the same order, so the same bits.
+#
+# A cached compiled function that calls a parallel one is loaded from the cache by
+# starting the pool first, but Numba writes that into the function's cache entry only
+# when it compiled the parallel callee in the same process. Compiled against a callee
+# loaded from the cache, the entry omits it, and a later process that loads that entry
+# before anything started its pool crashes (numba/numba#8578). So gradclip starts the
+# pool itself before it calls such a function (the one-call paths' parallel ones).
+
+
+def _pool_started():
+    """Whether this process (or the one it was forked from) started Numba's thread pool."""
+    try:
+        numba.threading_layer()
+    except ValueError:  # "not initialized"
+        return False
+    return True
+
+
+_forked_after_pool = False
+"""Whether this process was forked from one whose thread pool had started."""
+
+
+def _note_fork():
+    global _forked_after_pool
+    _forked_after_pool = _pool_started()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; where it is missing, nothing forks
+    os.register_at_fork(after_in_child=_note_fork)
+
+
+def _in_parallel(size):
+    """Whether a table of ``size`` elements runs under ``prange`` here."""
+    return size >= PARALLEL_MIN and not _forked_after_pool
+
+
+@functools.cache
+def _start_pool():
+    """Start Numba's thread pool, once (see above)."""
+    numba.get_num_threads()  # starts the pool to read its size
 
 
 # ------------------------------------------------------------------ drivers
@@ -578,7 +643,7 @@ def reduce_table(op, table, out, p=2.0, leaf_arg=None):
     """
     if leaf_arg is None:
         leaf_arg = out  # not read
-    driver = _reduce_parallel if table.size >= PARALLEL_MIN else _reduce_serial
+    driver = _reduce_parallel if _in_parallel(table.size) else _reduce_serial
     driver(op, table.addr, table.count, table.step, table.seg_leaf, float(p), leaf_arg, out, table.witness)
 
 
@@ -590,7 +655,7 @@ def update_table(op, table, leaf_arg=None, bound=0.0):
     """
     if leaf_arg is None:
         leaf_arg = np.zeros(0)  # not read
-    driver = _update_parallel if table.size >= PARALLEL_MIN else _update_serial
+    driver = _update_parallel if _in_parallel(table.size) else _update_serial
     return int(driver(op, table.addr, table.count, table.step, table.seg_leaf, leaf_arg, float(bound), table.witness))
 
 
@@ -837,8 +902,10 @@ def _run_plain(serial, parallel, objects, dtype, required, any_of, size_limit, *
     if not (_header_layout_confirmed() and _list_layout_confirmed()):
         return None
     plain = (id(objects), id(np.ndarray), id(dtype), required, any_of)
-    status, result = serial((*plain, 0, PARALLEL_MIN), *args)
-    if status == OUT_OF_RANGE:
+    threads = not _forked_after_pool
+    status, result = serial((*plain, 0, PARALLEL_MIN if threads else size_limit), *args)
+    if status == OUT_OF_RANGE and threads:
+        _start_pool()  # before ``parallel`` is loaded (see "the thread pool")
         status, result = parallel((*plain, PARALLEL_MIN, size_limit), *args)
     return result if status == RAN else None
 
@@ -931,7 +998,7 @@ def accumulate_table(table, dst_addr, dst_witness, first):
     ``first``: write the (rounded) grads instead of adding them, the first micro-batch
     of a window. ``dst_witness`` is an empty array of the buffers' kernel element type.
     """
-    driver = _accumulate_parallel if table.size >= PARALLEL_MIN else _accumulate_serial
+    driver = _accumulate_parallel if _in_parallel(table.size) else _accumulate_serial
     driver(table.addr, table.count, table.step, dst_addr, bool(first), table.witness, dst_witness)
 
 
@@ -986,7 +1053,7 @@ def _look_up_parallel(addr, count, step, table):
 def look_up_table(table, results):
     """Replace every element of ``table`` (a 16-bit type) by its entry in ``results``
     (from `scaled_codes`)."""
-    driver = _look_up_parallel if table.size >= PARALLEL_MIN else _look_up_serial
+    driver = _look_up_parallel if _in_parallel(table.size) else _look_up_serial
     driver(table.addr, table.count, table.step, results)
 
 

@@ -348,22 +348,12 @@ def _store_bf16(v, pos, y):
 
 
 class Codec:
-    """How one element type is read (``widen``), written (``store``), scaled, added and repaired."""
+    """How one element type is read (``widen``), written (``store``), scaled, added and
+    repaired, and its contribution to a scaled norm (``pow_scaled``)."""
 
-    def __init__(self, widen, store, times, add, zeroed):
+    def __init__(self, widen, store, times, add, zeroed, pow_scaled):
         self.widen, self.store, self.times, self.add, self.zeroed = widen, store, times, add, zeroed
-
-
-FLOAT = Codec(_widen_real, _store_native, _times_real, _add_real, _zeroed_real)
-COMPLEX = Codec(_widen_complex, _store_native, _times_complex, _add_complex, _zeroed_complex)
-BFLOAT16 = Codec(_widen_bf16, _store_bf16, _times_real, _add_real, _zeroed_real)
-
-
-def codec(dtype):
-    """The codec of leaves of ``dtype`` (a NumPy dtype)."""
-    if dtype.name == "bfloat16":
-        return BFLOAT16
-    return COMPLEX if dtype.kind == "c" else FLOAT
+        self.pow_scaled = pow_scaled
 
 
 # ------------------------------------------------------------------- elements
@@ -388,8 +378,29 @@ def _pow_scaled(x, p, scale):
 
 
 @cuda.jit(device=True)
+def _pow_scaled_complex(x, p, scale):
+    """`_pow_scaled` of a complex x, divided part by part first: the magnitude of a
+    subnormal x, rounded to the subnormal grid, is too coarse."""
+    if not (scale > 0.0 and scale < math.inf):
+        return 0.0
+    return _pow(math.hypot(x.real / scale, x.imag / scale), p)
+
+
+@cuda.jit(device=True)
 def _nonfinite(x, p, scale):
     return 0.0 if math.isfinite(x.real) and math.isfinite(x.imag) else 1.0
+
+
+FLOAT = Codec(_widen_real, _store_native, _times_real, _add_real, _zeroed_real, _pow_scaled)
+COMPLEX = Codec(_widen_complex, _store_native, _times_complex, _add_complex, _zeroed_complex, _pow_scaled_complex)
+BFLOAT16 = Codec(_widen_bf16, _store_bf16, _times_real, _add_real, _zeroed_real, _pow_scaled)
+
+
+def codec(dtype):
+    """The codec of leaves of ``dtype`` (a NumPy dtype)."""
+    if dtype.name == "bfloat16":
+        return BFLOAT16
+    return COMPLEX if dtype.kind == "c" else FLOAT
 
 
 # -------------------------------------------------------------------- kernels
@@ -695,7 +706,7 @@ class KernelSet:
         self.codec = c
         self.sumsq_cuda = _reduction("sumsq_cuda", c.widen, _sq, False)
         self.sumabs_cuda = _reduction("sumabs_cuda", c.widen, _abs, False)
-        self.sumpow_cuda = _reduction("sumpow_cuda", c.widen, _pow_scaled, False)
+        self.sumpow_cuda = _reduction("sumpow_cuda", c.widen, c.pow_scaled, False)
         self.maxabs_cuda = _reduction("maxabs_cuda", c.widen, _abs, True)
         self.nonfinite_cuda = _reduction("nonfinite_cuda", c.widen, _nonfinite, False)
         self.scale_cuda_ = _update("scale_cuda_", c.widen, c.store, _scale(c.times), False)

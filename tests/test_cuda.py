@@ -151,6 +151,15 @@ def test_float64_near_overflow_stays_finite(rng):
     assert_norm_close(host(gc.grad_norm(g.view, norm_type=7.0)), ref_norm([g.host.view_before], 7.0))
 
 
+def test_subnormal_complex128_norm_is_the_cpu_twins(rng):
+    # the CPU result is checked against an exact one in test_norms.py
+    units = rng.integers(-1000, 1001, size=(2, 13))
+    leaf = np.empty(13, np.complex128)
+    leaf.real, leaf.imag = units * 5e-324  # subnormal, exact
+    for p in (1.0, 2.0, 3.0):
+        assert host(gc.grad_norm(cuda.to_device(leaf), norm_type=p)) == gc.grad_norm(leaf, p), f"p={p}"
+
+
 def test_nan_and_inf_reach_the_norm(rng):
     a, b = OnDevice("C", (13,), np.float32, rng), OnDevice("T", (3, 5), np.float32, rng)
     a.poke(np.inf, (4,))

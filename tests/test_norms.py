@@ -1,6 +1,7 @@
 """grad_norm and layer_norms (SPEC §3, §4): values vs the fsum reference for every dtype,
 shape and layout, norm types, non-finite inputs, overflow/underflow and accuracy."""
 
+import decimal
 import math
 
 import numpy as np
@@ -193,6 +194,36 @@ def test_subnormal_float64_leaves():
     mixed = [np.array([1e200, -1e200]), np.array([1e-200, 3e-300])]
     assert_norm_close(gc.grad_norm(mixed), ref_norm(mixed))
     assert_norms_close(gc.layer_norms(mixed), ref_layer_norms(mixed))
+
+
+SUBNORMAL_UNIT = 5e-324
+"""2**-1074: float64's subnormals are the integer multiples of it."""
+
+
+def _rounded_units(value):
+    """A nonnegative Decimal rounded to the nearest integer, as a float64 of that many units."""
+    return float(value.to_integral_value(decimal.ROUND_HALF_EVEN)) * SUBNORMAL_UNIT
+
+
+def test_subnormal_complex128_norm_is_correctly_rounded():
+    # the magnitude of a subnormal z is rounded to the subnormal grid: a norm must scale first
+    z = np.array([5e-324 - 5e-324j, -5e-324 + 0j])  # the norm is sqrt(3) units
+    assert gc.grad_norm([z]) == gc.grad_norm([np.array([5e-324, -5e-324, -5e-324])]) == 1e-323
+
+    rng = np.random.default_rng(1074)
+    units = rng.integers(-1000, 1001, size=(2, 60))
+    leaf = np.empty(60, np.complex128)
+    leaf.real, leaf.imag = units * SUBNORMAL_UNIT  # exact
+    squares = [int(a) ** 2 + int(b) ** 2 for a, b in units.T]
+    with decimal.localcontext(decimal.Context(prec=60)):
+        # sqrt(n) of an integer n is never within 1 / (4 sqrt(n) + 2) of a half-integer
+        two = decimal.Decimal(sum(squares)).sqrt()
+        one = sum(decimal.Decimal(n).sqrt() for n in squares)
+        assert abs(one % 1 - decimal.Decimal("0.5")) > decimal.Decimal("1e-6")  # its rounding is clear-cut
+    for p, exact in ((2.0, two), (1.0, one)):
+        expected = _rounded_units(exact)
+        assert gc.grad_norm([leaf], p) == expected, f"p={p}"
+        assert gc.layer_norms([leaf, leaf[:0]], p).tolist() == [expected, 0.0], f"p={p}"
 
 
 def test_largest_float64_does_not_overflow():
