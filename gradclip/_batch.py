@@ -8,7 +8,7 @@ totals and updated once; per-position results are gathered back through
 
 import numpy as np
 
-from . import _checks, _cuda, _dispatch, _table, _tree
+from . import _checks, _cuda, _dispatch, _overlap, _table, _tree
 from ._kernels import cpu as kernels
 
 
@@ -53,8 +53,9 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
     """Flatten and validate ``grads`` for ``function`` (its name, for messages).
 
     ``writes``: the call updates leaves in place (they must be writable, without
-    repeated elements). ``real_only``: complex leaves are refused. ``cuda``: the
-    caller handles GPU leaves (``Batch.cuda``); otherwise they are refused.
+    repeated elements, and no two may share memory). ``real_only``: complex leaves are
+    refused. ``cuda``: the caller handles GPU leaves (``Batch.cuda``); otherwise they
+    are refused.
     """
     if type(grads) is list:  # a flat list of arrays (or of tensors), most likely: no walk needed
         batch = _collect_plain_or_torch(grads, _tree.list_of_leaves(len(grads)), writes, real_only)
@@ -87,7 +88,24 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
             originals.append(leaf)
         unique_of.append(unique)
     gpu = _cuda.Leaves(gpu_unique, gpu_leaves, len(gpu_leaves) < len(arrays)) if gpu_leaves else None
-    return Batch(treedef, arrays, np.array(unique_of, dtype=np.int64), tables(arrays), originals, gpu)
+    unique_of = np.array(unique_of, dtype=np.int64)
+    cpu_tables = tables(arrays)
+    if writes:
+        _check_no_shared_memory(treedef, unique_of, arrays, cpu_tables, function)
+    return Batch(treedef, arrays, unique_of, cpu_tables, originals, gpu)
+
+
+def _check_no_shared_memory(treedef, unique_of, arrays, cpu_tables, function):
+    """Raise if two of the (distinct) CPU leaves share memory, naming both."""
+    lo, hi = _table.extents(cpu_tables, len(arrays))
+    pair = _overlap.first_overlap(lo, hi, lambda u: _layout(arrays[u]))
+    if pair is not None:
+        first, second = (_tree.path(treedef, int(np.argmax(unique_of == u))) for u in pair)
+        raise _checks.shared_memory(first, second, function)
+
+
+def _layout(array):
+    return array.ctypes.data, array.shape, array.strides, array.itemsize
 
 
 _GPU_PLACEHOLDER = np.empty(0)
@@ -128,17 +146,20 @@ def _required_flags(writes):
 def _collect_plain_or_torch(leaves, treedef, writes, real_only):
     """`_collect_plain`, or its twin for CPU torch tensors, or None."""
     batch = _collect_plain(leaves, treedef, writes, real_only)
-    return batch if batch is not None else _collect_torch(leaves, treedef, real_only)
+    return batch if batch is not None else _collect_torch(leaves, treedef, writes, real_only)
 
 
-def _collect_torch(leaves, treedef, real_only):
+def _collect_torch(leaves, treedef, writes, real_only):
     """`_collect_plain` for distinct, contiguous CPU torch tensors of supported dtypes
-    (always writable): the tables come from the addresses and sizes torch reports, and
-    ``Batch.arrays`` makes each tensor's NumPy view only if it is asked for."""
-    headers = _dispatch.torch_cpu_headers(leaves)
+    (not requiring grad, if ``writes``): the tables come from the addresses and sizes
+    torch reports, and ``Batch.arrays`` makes each tensor's NumPy view only if it is
+    asked for."""
+    headers = _dispatch.torch_cpu_headers(leaves, writes)
     if headers is None:
         return None
-    data, size, dtypes, code, views = headers
+    data, size, itemsize, dtypes, code, views = headers
+    if writes and not _overlap.disjoint(data, data + size * itemsize):
+        return None  # tensors that share memory: the general path names them
     tables = []
     for c, dtype in enumerate(dtypes):
         if real_only and dtype.kind == "c":
@@ -153,13 +174,14 @@ def _collect_plain(leaves, treedef, writes, real_only):
     """The common case without a Python step per leaf, or None to take the general path.
 
     It applies when every leaf is a distinct, aligned, contiguous ``numpy.ndarray`` of a
-    dtype already accepted once (writable if ``writes``; real if ``real_only``):
-    then nothing can fail, and the array headers read in one kernel call say all.
+    dtype already accepted once (writable, and sharing no memory with another, if
+    ``writes``; real if ``real_only``): then nothing can fail, and the array headers
+    read in one kernel call say all.
     """
     headers = kernels.plain_headers(leaves, _required_flags(writes), _CONTIGUOUS) if leaves else None
     if headers is None:
         return None
-    data, size, descr, one_dtype, none_empty, total = headers
+    data, size, descr, one_dtype, none_empty, total, may_share = headers
     if one_dtype:
         groups = [(leaves[0].dtype, None if none_empty else np.flatnonzero(size))]
     else:
@@ -167,6 +189,8 @@ def _collect_plain(leaves, treedef, writes, real_only):
             (leaves[int(np.argmax(descr == address))].dtype, np.flatnonzero((descr == address) & (size > 0)))
             for address in np.unique(descr)
         ]
+    if writes and may_share and not _overlap.disjoint(data, data + size * _itemsizes(leaves, descr, one_dtype)):
+        return None  # arrays that share memory: the general path names them
     tables = []
     for dtype, rows in groups:
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
@@ -181,12 +205,25 @@ def _collect_plain(leaves, treedef, writes, real_only):
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 
 
+def _itemsizes(leaves, descr, one_dtype):
+    """The itemsize of each leaf (or of all, if ``one_dtype``), given their dtypes' addresses."""
+    if one_dtype:
+        return leaves[0].dtype.itemsize
+    itemsize = np.empty_like(descr)
+    for address in np.unique(descr):
+        of_dtype = descr == address
+        itemsize[of_dtype] = leaves[int(np.argmax(of_dtype))].dtype.itemsize
+    return itemsize
+
+
 def _check(leaf, array, where, function, writes, real_only):
     _checks.check_dtype(where, array.dtype)
     if real_only:
         _checks.check_real(where, array.dtype, function)
     if writes and not array.flags.writeable:
         _checks.check_writable(where, array, function, _dispatch.immutable_kind(leaf))
+    if writes and _dispatch.requires_grad(leaf):
+        raise _checks.requires_grad(where, function)
     flags = array.flags.num
     if not flags & _ALIGNED:
         _checks.check_aligned(where, array)

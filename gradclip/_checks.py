@@ -155,6 +155,23 @@ def jax_traced(where, leaf):
     )
 
 
+def requires_grad(where, function):
+    return ValueError(
+        f"{where()} is a torch tensor that requires grad, and {function} would write into it "
+        "behind autograd's back (torch refuses in-place writes into such tensors); pass its .grad "
+        "if you meant the gradient, or to change the tensor itself call inside torch.no_grad() "
+        "(as optimisers do) or pass tensor.detach()"
+    )
+
+
+def shared_memory(first, second, function):
+    return ValueError(
+        f"{first} and {second} share memory (views of one buffer with elements in common), so "
+        f"{function} would write those elements twice; pass each element once: the buffer itself, "
+        "views that do not overlap, or copies (np.array(x))"
+    )
+
+
 def bfloat16_needs_ml_dtypes(where):
     return ImportError(
         f"{where()} is a bfloat16 tensor, which gradclip reads as an ml_dtypes.bfloat16 NumPy array, "

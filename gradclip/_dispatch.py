@@ -81,9 +81,10 @@ def as_cpu_array(leaf, where):
     raise _checks.not_an_array(where, leaf)
 
 
-def torch_cpu_headers(leaves):
-    """``(data, size, dtypes, code, views)`` of ``leaves`` if they are all distinct,
-    contiguous CPU torch tensors of supported dtypes, else None.
+def torch_cpu_headers(leaves, writes):
+    """``(data, size, itemsize, dtypes, code, views)`` of ``leaves`` if they are all
+    distinct, contiguous CPU torch tensors of supported dtypes (none requiring grad, if
+    ``writes``), else None.
 
     The bulk path for the common PyTorch call (a model's gradients): addresses and
     sizes are read from torch (a few hundred nanoseconds a tensor), ``dtypes[code[i]]``
@@ -104,6 +105,8 @@ def torch_cpu_headers(leaves):
         for leaf in leaves:
             if not (isinstance(leaf, tensor_type) and leaf.is_cpu and leaf.is_contiguous()):
                 return None
+            if writes and leaf.requires_grad:
+                return None
             dtype = leaf.dtype
             c = codes.get(dtype)
             if c is None:
@@ -121,9 +124,10 @@ def torch_cpu_headers(leaves):
         return None
     data, size, code = (np.array(column, dtype=np.int64) for column in (data, size, code))
     dtypes = [known[dtype] for dtype in codes]
-    if np.any(data % np.array([d.itemsize for d in dtypes])[code]):  # e.g. torch.frombuffer at an odd offset
+    itemsize = np.array([d.itemsize for d in dtypes])[code]
+    if np.any(data % itemsize):  # e.g. torch.frombuffer at an odd offset
         return None
-    return data, size, dtypes, code, TensorViews(leaves)
+    return data, size, itemsize, dtypes, code, TensorViews(leaves)
 
 
 class TensorViews(Sequence):
@@ -159,6 +163,13 @@ def _torch_dtypes(torch):
         torch.complex64: np.dtype(np.complex64),
         torch.complex128: np.dtype(np.complex128),
     }
+
+
+def requires_grad(leaf):
+    """Whether ``leaf`` is a torch tensor that requires grad outside ``torch.no_grad()``:
+    where torch refuses in-place writes into a leaf tensor, which would bypass autograd."""
+    torch = _torch_of(leaf)
+    return torch is not None and leaf.requires_grad and torch.is_grad_enabled()
 
 
 def immutable_kind(leaf):

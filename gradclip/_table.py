@@ -59,6 +59,21 @@ def build(dtype, arrays, leaf_ids):
     return Table(*columns, witness(dtype))
 
 
+def extents(tables, n):
+    """``(lo, hi)``: the byte range of each of ``n`` leaves described by ``tables``, from its
+    first byte to past its last (``lo == hi == 0`` for a leaf without rows: no element)."""
+    lo, hi = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for table in tables:
+        if not table.addr.size:
+            continue
+        ends = table.addr + ((table.count - 1) * table.step + 1) * table.witness.itemsize
+        firsts = np.flatnonzero(np.diff(table.seg_leaf, prepend=-1))  # a leaf's rows are consecutive
+        leaves = table.seg_leaf[firsts]
+        lo[leaves] = np.minimum.reduceat(table.addr, firsts)
+        hi[leaves] = np.maximum.reduceat(ends, firsts)
+    return lo, hi
+
+
 @functools.cache
 def witness(dtype):
     """An empty array of the type ``dtype``'s elements travel as in the kernels."""

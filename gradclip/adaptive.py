@@ -544,7 +544,9 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
 
 def _clip_units_(grad, param, unit_axes, clipping, eps):
     """AGC on one leaf; returns the number of units clipped."""
-    grad_units = _batch.collect(_units(grad, unit_axes), "adaptive_grad_clip_", writes=True)
+    # the leaf was checked as a whole (writable, sharing no memory with another); its units
+    # are disjoint views of it, which may interleave (columns): no need to check them again
+    grad_units = _batch.collect(_units(grad, unit_axes), "adaptive_grad_clip_")
     grad_norms = _cpu.leaf_norms(grad_units, 2.0)
     param_norms = _cpu.leaf_norms(_batch.collect(_units(param, unit_axes), "adaptive_grad_clip_"), 2.0)
     clip, coef = _unit_coefs(grad_norms, param_norms, clipping, eps)
