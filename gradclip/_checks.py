@@ -155,6 +155,20 @@ def jax_traced(where, leaf):
     )
 
 
+def masked_array(where):
+    return TypeError(
+        f"{where()} is a numpy.ma.MaskedArray; gradclip reads every element and would ignore "
+        "the mask; pass x.filled(0) (masked entries as zeros) or x.data (the values underneath)"
+    )
+
+
+def tensor_without_memory(where, what):
+    return TypeError(
+        f"{where()} is {what}, which has no dense memory for gradclip to read; "
+        "pass a dense tensor with values (e.g. tensor.to_dense() for a sparse one)"
+    )
+
+
 def requires_grad(where, function):
     return ValueError(
         f"{where()} is a torch tensor that requires grad, and {function} would write into it "

@@ -29,6 +29,8 @@ def on_cuda(leaf):
     """Whether ``leaf`` is a CUDA array: one attribute check (its DLPack device for others)."""
     if type(leaf) is np.ndarray:
         return False
+    if _torch_without_memory(leaf) is not None:
+        return False  # `as_cpu_array` names it
     if hasattr(leaf, "__cuda_array_interface__") or hasattr(leaf, "__cuda_ndarray__"):
         return True
     device = getattr(leaf, "__dlpack_device__", None)
@@ -57,11 +59,16 @@ def as_cuda_leaf(leaf, where):
 def as_cpu_array(leaf, where):
     """``leaf`` as a NumPy array sharing its memory; ``where()`` names it in errors."""
     if isinstance(leaf, np.ndarray):
+        if type(leaf) is not np.ndarray and _is_masked(leaf):
+            raise _checks.masked_array(where)
         return leaf
     if isinstance(leaf, np.generic):
         scalar = np.array(leaf)
         scalar.flags.writeable = False  # a NumPy scalar is immutable
         return scalar
+    what = _torch_without_memory(leaf)
+    if what is not None:
+        raise _checks.tensor_without_memory(where, what)
     if on_cuda(leaf):
         raise _checks.cpu_only(where, leaf, "this function")
     if hasattr(leaf, "__dlpack__") and hasattr(leaf, "__dlpack_device__"):
@@ -172,6 +179,23 @@ def requires_grad(leaf):
     return torch is not None and leaf.requires_grad and torch.is_grad_enabled()
 
 
+def _torch_without_memory(leaf):
+    """What a torch tensor without strided memory to view is ("a sparse torch tensor
+    (layout torch.sparse_coo)", "a torch tensor on the meta device"), or None for any
+    other leaf."""
+    torch = _torch_of(leaf)
+    if torch is None:
+        return None
+    if leaf.layout != torch.strided:
+        return f"a sparse torch tensor (layout {leaf.layout})"
+    return "a torch tensor on the meta device" if leaf.is_meta else None
+
+
+def _is_masked(array):
+    ma = sys.modules.get("numpy.ma")  # a masked array can only exist once numpy.ma is imported
+    return ma is not None and isinstance(array, ma.MaskedArray)
+
+
 def immutable_kind(leaf):
     """What makes ``leaf`` read-only by nature, for the message, or None."""
     return "a JAX array (jax.Array is immutable)" if _jax_of(leaf) is not None else None
@@ -180,14 +204,16 @@ def immutable_kind(leaf):
 def like(original, array, owned=True):
     """``array`` (a result) as a leaf of the caller's kind, given its input leaf ``original``.
 
-    torch in -> a ``torch.Tensor`` sharing ``array``'s memory (a CUDA one for a GPU result); JAX in -> a
-    ``jax.Array`` on the original's devices; a NumPy scalar -> a NumPy scalar;
-    anything else -> ``array`` itself. The dtype is ``array``'s (bfloat16 included).
+    torch in -> a ``torch.Tensor`` sharing ``array``'s memory (a CUDA one for a GPU
+    result); JAX in -> a ``jax.Array`` on the original's devices; a NumPy scalar -> a
+    NumPy scalar; an ``np.matrix`` -> an ``np.matrix`` view (the type is all a matrix
+    adds, and it decides what ``*`` means); anything else -> ``array`` itself. The dtype
+    is ``array``'s (bfloat16 included).
     ``owned``: nothing else will write ``array``, so a JAX array may alias it;
     otherwise (a buffer gradclip reuses) JAX gets a copy, as its arrays never change.
     """
     if isinstance(original, np.ndarray):
-        return array
+        return array.view(np.matrix) if isinstance(original, np.matrix) else array
     if isinstance(original, np.generic):
         return array[()]
     torch = _torch_of(original)

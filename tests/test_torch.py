@@ -473,11 +473,29 @@ def test_accumulation_returns_tensors():
     assert summed[0].tolist() == [3.0, 3.0, 3.0] and summed[1].tolist() == [6.0, 6.0]
 
 
-def test_misaligned_and_sparse_tensors_are_refused_naming_the_leaf():
+def test_misaligned_tensors_are_refused_naming_the_leaf():
     misaligned = torch.frombuffer(bytearray(40), dtype=torch.float32, offset=2, count=8)
     other = torch.full((3,), 10.0)
     with raises_with(ValueError, "grads[1]", "not aligned"):
         gc.clip_grad_norm_([other, misaligned], 1.0)
     assert other.tolist() == [10.0, 10.0, 10.0]
-    with raises_with(TypeError, "grads[0]", "Sparse"):
-        gc.grad_norm([torch.ones(3).to_sparse(), other])
+
+
+WITHOUT_MEMORY = {
+    "sparse_coo": (lambda: torch.ones(3).to_sparse(), ("sparse torch tensor", "torch.sparse_coo", ".to_dense()")),
+    "sparse_csr": (lambda: torch.eye(3).to_sparse_csr(), ("sparse torch tensor", "torch.sparse_csr", ".to_dense()")),
+    "meta": (lambda: torch.ones(3, device="meta"), ("torch tensor on the meta device",)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
+@pytest.mark.parametrize("kind", list(WITHOUT_MEMORY))
+@pytest.mark.parametrize("call", ["grad_norm", "clip_grad_norm_", "clip_grad_value"])
+def test_tensors_without_dense_memory_are_refused_naming_the_leaf(kind, call):
+    make, fragments = WITHOUT_MEMORY[kind]
+    other = torch.full((3,), 10.0)
+    grads = {"a": other, "b": [None, make()]}
+    with raises_with(TypeError, "grads['b'][1]", *fragments):
+        {"grad_norm": gc.grad_norm, "clip_grad_norm_": lambda g: gc.clip_grad_norm_(g, 1.0),
+         "clip_grad_value": lambda g: gc.clip_grad_value(g, 1.0)}[call](grads)  # fmt: skip
+    assert other.tolist() == [10.0, 10.0, 10.0]
