@@ -22,6 +22,11 @@ class NonFiniteGradientError(FloatingPointError, RuntimeError):
     __module__ = "gradclip"  # where users import it from
 
 
+def with_article(noun):
+    """``"an int"``, ``"a str"``: ``noun`` (a type name, mostly) after its indefinite article."""
+    return ("an " if noun[:1].lower() in "aeio" else "a ") + noun
+
+
 def _real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
@@ -152,6 +157,29 @@ def jax_traced(where, leaf):
         f"{where()} is a JAX tracer ({type(leaf).__name__}), not a concrete array: gradclip runs "
         "eagerly on memory and cannot be called inside jax.jit / jax.grad / jax.vmap; call it on the "
         "gradients outside the traced function (or use optax.clip_by_global_norm inside it)"
+    )
+
+
+def container_refused(path, cls, error=None):
+    why = f" (copying an empty one failed: {type(error).__name__}: {error})" if error is not None else ""
+    return TypeError(
+        f"{path} is {with_article(cls.__module__ + '.' + cls.__qualname__)}, a container gradclip "
+        f"cannot rebuild faithfully{why}; pass a dict, list, tuple or namedtuple of the arrays "
+        "(e.g. dict(x) or list(x))"
+    )
+
+
+def container_cycle(path):
+    return ValueError(
+        f"{path} is a container that holds itself (a cycle); grads must be a tree: pass the "
+        "arrays without the back reference"
+    )
+
+
+def container_too_deep(path, limit):
+    return ValueError(
+        f"{path} is nested more than {limit} containers deep; pass the arrays in a flatter "
+        "structure (e.g. a list of them)"
     )
 
 

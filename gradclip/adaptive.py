@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _batch, _checks, _cpu, _cuda, _dispatch
+from . import _batch, _checks, _cpu, _cuda, _dispatch, _tree
 from ._collective import Collective
 from .clip import _scale_to_max_norm_
 
@@ -597,29 +597,37 @@ def _pair_leaves(grads, params):
 def _pair(grads, params, keys, pairs):
     if grads is None:
         return  # a parameter without a gradient
-    if isinstance(grads, dict):
-        if not isinstance(params, dict) or set(params) != set(grads):
-            raise _mismatch(keys, params, f"a dict with keys {list(grads)}")
-        for key, grad in grads.items():
-            _pair(grad, params[key], (*keys, key), pairs)
-    elif isinstance(grads, (list, tuple)):
-        if not isinstance(params, (list, tuple)) or len(params) != len(grads):
-            raise _mismatch(keys, params, f"a sequence of {len(grads)}")
-        for index, (grad, param) in enumerate(zip(grads, params)):
-            _pair(grad, param, (*keys, index), pairs)
-    else:
-        if params is None or isinstance(params, (dict, list, tuple)):
+    mine = _tree.entries(grads)
+    if mine is None:
+        if params is None or _tree.entries(params) is not None:
             raise _mismatch(keys, params, "an array")
         pairs.append((keys, params))
+        return
+    grad_keys, grad_values = mine
+    theirs = None if params is None else _tree.entries(params)
+    if grad_keys is not None:
+        if theirs is None or theirs[0] is None or set(theirs[0]) != set(grad_keys):
+            raise _mismatch(keys, params, f"a mapping with keys {grad_keys}")
+        by_key = dict(zip(*theirs))
+        for key, grad in zip(grad_keys, grad_values):
+            _pair(grad, by_key[key], (*keys, key), pairs)
+    else:
+        if theirs is None or theirs[0] is not None or len(theirs[1]) != len(grad_values):
+            raise _mismatch(keys, params, f"a sequence of {len(grad_values)}")
+        for index, (grad, param) in enumerate(zip(grad_values, theirs[1])):
+            _pair(grad, param, (*keys, index), pairs)
 
 
 def _mismatch(keys, params, expected):
-    if isinstance(params, dict):
-        found = f"a dict with keys {list(params)}"
-    elif isinstance(params, (list, tuple)):
-        found = f"a {type(params).__name__} of {len(params)}"
+    entries = None if params is None else _tree.entries(params)
+    if params is None:
+        found = "None"
+    elif entries is None:
+        found = _checks.with_article(type(params).__name__)
+    elif entries[0] is not None:
+        found = f"a mapping with keys {entries[0]}"
     else:
-        found = "None" if params is None else f"a {type(params).__name__}"
+        found = f"{_checks.with_article(type(params).__name__)} of {len(entries[1])}"
     detail = f"grads has {expected} there, params has {found}"
     return _checks.params_mismatch(_path("grads", keys), _path("params", keys), detail)
 
