@@ -6,6 +6,7 @@ expected, and how to fix it. ``where`` is a callable returning the leaf's path:
 it is only worked out when a message is raised.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -351,6 +352,73 @@ def state_keys(owner, state, expected):
         )
 
 
+def flag(name, value):
+    """``value`` as a bool; it must be one (``bool`` or ``numpy.bool_``), not a truthy string."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _shown(value):
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    if isinstance(value, np.dtype):
+        return f"dtype {value}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def bad_checkpoint(owner, field, expected, got):
+    """A field of a state dict that `state_dict` cannot have made."""
+    return ValueError(
+        f"{owner}.load_state_dict: {field} must be {expected}; got {_shown(got)}. Pass the dict "
+        f"returned by {owner}.state_dict() (the {owner} is unchanged)"
+    )
+
+
+def saved_argument(owner, error):
+    """A constructor argument of a state dict that the constructor refused with ``error``."""
+    return ValueError(
+        f"{owner}.load_state_dict: {error}. Pass the dict returned by {owner}.state_dict() (the "
+        f"{owner} is unchanged)"
+    )
+
+
+def saved_count(owner, field, value, low, high=None):
+    """``value`` as an int in ``[low, high)`` (no upper bound if ``high`` is None)."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise bad_checkpoint(owner, field, expected, value)
+    if value < low or (high is not None and value >= high):
+        raise bad_checkpoint(owner, field, expected, value)
+    return int(value)
+
+
+def saved_statistic(owner, field, value):
+    """A norm statistic (a norm, a mean of norms, a variance): a finite float >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise bad_checkpoint(owner, field, "a finite number >= 0", value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float64
+        x = math.inf
+    if not (math.isfinite(x) and x >= 0):
+        raise bad_checkpoint(owner, field, "a finite number >= 0", value)
+    return x
+
+
+def saved_statistics(owner, field, values, most):
+    """A list (or tuple) of at most ``most`` norm statistics (any number if ``most`` is None)."""
+    if not isinstance(values, (list, tuple)):
+        raise bad_checkpoint(owner, field, "a list of finite numbers >= 0", values)
+    if most is not None and len(values) > most:
+        raise bad_checkpoint(owner, field, f"a list of at most {most} numbers", values)
+    return [saved_statistic(owner, f"{field}[{i}]", value) for i, value in enumerate(values)]
+
+
 def axis(value):
     """``None``, or the axes of ``value`` (an int or a tuple of ints) as a tuple."""
     if value is None:
@@ -429,7 +497,7 @@ def accumulator_dtype(value):
         return None
     try:
         dtype = np.dtype(value)
-    except TypeError:
+    except (TypeError, ValueError):
         dtype = None
     if dtype is None or dtype.name not in SUPPORTED_DTYPES or not dtype.isnative:
         raise TypeError(

@@ -250,6 +250,42 @@ def entries(node):
     return None, list(node)
 
 
+def leaf_count(treedef, where="", depth=0):
+    """The number of leaves of ``treedef`` if `flatten` could have made it (a saved one,
+    checked); else ValueError with ``(where, expected, got)``, ``where`` like ``[2][1]``."""
+    if treedef is _LEAF:
+        return 1
+    if treedef is _NONE:
+        return 0
+    if not (type(treedef) is tuple and len(treedef) == 3) or depth >= MAX_DEPTH:
+        raise ValueError(where, "a treedef: _LEAF, _NONE or a (kind, keys, children) triple", treedef)
+    kind, keys, children = treedef
+    cls = type(kind.empty) if isinstance(kind, _Template) else kind
+    if isinstance(kind, _Template):
+        known = _rule(cls) in (_BY_COPY, _DEFAULTDICT) and not len(kind.empty)
+    else:
+        known = isinstance(kind, type) and _rule(kind) in (_BY_TYPE, _NAMEDTUPLE, _PLAIN_TUPLE)
+    if not known:
+        raise ValueError(f"{where}[0]", "a container kind that flatten makes", kind)
+    if type(children) is not list:
+        raise ValueError(f"{where}[2]", "a list of children", children)
+    if issubclass(cls, Mapping):
+        if type(keys) is not list or len(keys) != len(children) or not _distinct_keys(keys):
+            raise ValueError(f"{where}[1]", f"a list of {len(children)} distinct keys", keys)
+    elif keys is not None:
+        raise ValueError(f"{where}[1]", "None (a sequence has no keys)", keys)
+    elif _rule(cls) is _NAMEDTUPLE and len(children) != len(cls._fields):
+        raise ValueError(f"{where}[2]", f"{len(cls._fields)} children, one per field of {cls.__name__}", children)
+    return sum(leaf_count(child, f"{where}[2][{i}]", depth + 1) for i, child in enumerate(children))
+
+
+def _distinct_keys(keys):
+    try:
+        return len(set(keys)) == len(keys)
+    except TypeError:  # an unhashable key
+        return False
+
+
 def unflatten(treedef, leaves):
     """Rebuild the structure of ``treedef`` with ``leaves`` in leaf order."""
     return _build(treedef, iter(leaves))

@@ -137,12 +137,19 @@ class _NormClipper:
 
         Raises
         ------
-        ValueError, TypeError
-            Keys missing or unexpected, or a bad argument; the clipper is unchanged.
+        ValueError
+            Keys missing or unexpected, or a field that `state_dict` cannot have made (of
+            the wrong type, out of range, a statistic that is negative or not finite, a
+            list too long); the clipper is unchanged.
+        TypeError
+            ``state`` is not a dict.
         """
         owner = type(self).__name__
         _checks.state_keys(owner, state, self._CONFIG + self._STATISTICS)
-        restored = type(self)(**{name: state[name] for name in self._CONFIG})
+        try:
+            restored = type(self)(**{name: state[name] for name in self._CONFIG})
+        except (TypeError, ValueError) as error:
+            raise _checks.saved_argument(owner, error) from None
         restored._restore(state)
         self.__dict__.update(restored.__dict__)
 
@@ -228,8 +235,11 @@ class EMAClipper(_NormClipper):
         return threshold
 
     def _restore(self, state):
-        self._ema = float(state["ema"])
-        self._steps = _checks.count("steps", state["steps"], 0)
+        steps = _checks.saved_count("EMAClipper", "steps", state["steps"], 0)
+        ema = _checks.saved_statistic("EMAClipper", "ema", state["ema"])
+        if steps == 0 and ema != 0.0:
+            raise _checks.bad_checkpoint("EMAClipper", "ema", "0.0 while steps is 0 (nothing averaged yet)", ema)
+        self._ema, self._steps = ema, steps
 
 
 class QuantileClipper(_NormClipper):
@@ -294,9 +304,7 @@ class QuantileClipper(_NormClipper):
         return _interpolated_quantile(self._sorted, self.quantile)
 
     def _restore(self, state):
-        norms = [float(norm) for norm in state["norms"]]
-        if self.history is not None:
-            norms = norms[-self.history :]
+        norms = _checks.saved_statistics("QuantileClipper", "norms", state["norms"], self.history)
         self._norms = collections.deque(norms)
         self._sorted = sorted(norms)
 
@@ -422,10 +430,21 @@ class ZScoreClipper(_NormClipper):
         self._warmup_norms = []
 
     def _restore(self, state):
-        self._warmup_norms = [float(norm) for norm in state["warmup_norms"]]
-        started = state["mean"] is not None
-        self._mean = float(state["mean"]) if started else None
-        self._var = float(state["var"]) if started else None
+        owner = "ZScoreClipper"
+        warmup_norms = _checks.saved_statistics(owner, "warmup_norms", state["warmup_norms"], self.warmup - 1)
+        mean, var = state["mean"], state["var"]
+        if (mean is None) != (var is None):
+            raise _checks.bad_checkpoint(
+                owner, "mean and var", "both None (during the warm-up) or both numbers", (mean, var)
+            )
+        if mean is not None:
+            mean = _checks.saved_statistic(owner, "mean", mean)
+            var = _checks.saved_statistic(owner, "var", var)
+            if warmup_norms:
+                raise _checks.bad_checkpoint(
+                    owner, "warmup_norms", "empty once mean and var are set (after the warm-up)", warmup_norms
+                )
+        self._warmup_norms, self._mean, self._var = warmup_norms, mean, var
 
 
 def _reusable(grads):
