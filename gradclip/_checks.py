@@ -31,7 +31,19 @@ def with_article(noun):
 def _real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    return float(value)
+    return _as_float(name, value)
+
+
+def _as_float(name, value):
+    """``float(value)``; an int beyond float64's range is an error, as in Python and NumPy,
+    rather than a silent inf."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} is an int of {len(str(abs(int(value))))} digits, beyond the float64 range (the "
+            "largest finite value is 1.8e308); pass math.inf for no limit"
+        ) from None
 
 
 def nonnegative(name, value):
@@ -51,13 +63,21 @@ def norm_type(value):
 
 
 def total_norm(value):
-    """A norm computed elsewhere: >= 0, or non-finite (which means: do not clip)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"total_norm must be a real number or a 0-d array; got {type(value).__name__}"
-        ) from None
+    """A norm computed elsewhere, a real number or a 0-d array (or CPU tensor) of a real
+    dtype: >= 0, or non-finite (which means: do not clip)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        x = _as_float("total_norm", value)
+    else:
+        try:
+            array = None if isinstance(value, (str, bytes)) else np.asarray(value)
+        except (TypeError, ValueError, RuntimeError):
+            array = None
+        if array is None or array.shape != () or array.dtype.kind not in "fiu":
+            raise TypeError(
+                f"total_norm must be a real number or a 0-d array of a real dtype (a norm, as "
+                f"grad_norm returns it); got {type(value).__name__} {value!r}"
+            )
+        x = float(array)
     if x < 0:
         raise ValueError(f"total_norm must be >= 0 (or NaN/inf to skip clipping); got {x!r}")
     return x
@@ -111,7 +131,7 @@ def not_in_grads(where, leaf):
 
 def not_an_array(where, leaf):
     return TypeError(
-        f"{where()} is a {type(leaf).__name__}; expected an array (numpy.ndarray, or an object "
+        f"{where()} is {with_article(type(leaf).__name__)}; expected an array (numpy.ndarray, or an object "
         "with __dlpack__ or __cuda_array_interface__), a container of arrays, or None"
     )
 
@@ -467,7 +487,7 @@ def shape_mismatch(grads_path, grad_shape, params_path, param_shape):
 
 def recorded_norm(value):
     """A norm given to NormMonitor.record: >= 0, or NaN / inf (a non-finite step)."""
-    x = float(value)
+    x = _as_float("a recorded norm", value)
     if x < 0:
         raise ValueError(f"a recorded norm must be >= 0 (or NaN / inf); got {value!r}")
     return x
