@@ -11,12 +11,14 @@ Containers come back as they went in, or are refused (``TypeError``) when flatte
 - ``dict``, ``list``, ``tuple``, ``collections.OrderedDict``, ``collections.UserDict``
   and ``types.MappingProxyType`` (a read-only view of a new dict): by their type;
 - namedtuples: by ``_make``; ``collections.defaultdict``: with its ``default_factory``;
-- other subclasses of ``dict`` and ``list``, and other mutable mappings: their
-  constructors may take anything (``Named(name, ...)``), so an empty copy of the
-  container (``copy.copy``, then ``clear``) is kept and the rebuilt one is a copy of
-  it, filled — the type and its attributes as they were;
+- other subclasses of ``dict``, ``list`` and ``UserDict``: their constructors may take
+  anything (``Named(name, ...)``), so an empty copy of the container (``copy.copy``,
+  then ``clear``) is kept and the rebuilt one is a copy of it, filled — the type and
+  its attributes as they were. Their items live in the container itself (in ``.data``,
+  which ``UserDict`` copies), so clearing the copy cannot touch the original;
 - other tuple subclasses: by their type if it takes the items as ``tuple`` does and
-  the instance holds nothing else; other mappings: refused.
+  the instance holds nothing else; other mappings: refused (a shallow copy of one may
+  share its items' storage with the original).
 
 A container inside itself and nesting deeper than `MAX_DEPTH` are refused
 (``ValueError``), never a bare ``RecursionError``.
@@ -26,7 +28,7 @@ import collections
 import copy
 import functools
 import types
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -110,7 +112,7 @@ def _rule_of(cls):
         if hasattr(cls, "_fields") and hasattr(cls, "_make"):
             return _NAMEDTUPLE
         return _PLAIN_TUPLE if cls.__new__ is tuple.__new__ else _REFUSED
-    if issubclass(cls, (dict, list, MutableMapping)):
+    if issubclass(cls, (dict, list, collections.UserDict)):
         return _BY_COPY
     return _REFUSED if issubclass(cls, Mapping) else _AS_LEAF
 
@@ -221,6 +223,8 @@ def _container(node, rule):
     else:
         try:
             empty = copy.copy(node)
+            if empty is node or (isinstance(node, collections.UserDict) and empty.data is node.data):
+                raise TypeError("the copy shares its items with the original")  # clear would empty both
             empty.clear()
         except Exception as error:  # whatever the type's own copy or clear raised
             reason = error

@@ -4,7 +4,7 @@ object at several positions, and the structure of out-of-place results."""
 
 import math
 from collections import OrderedDict, UserDict, defaultdict, deque, namedtuple
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from types import MappingProxyType
 
 import ml_dtypes
@@ -342,6 +342,33 @@ class Uncopyable(dict):
         raise RuntimeError("no copies of this one")
 
 
+class Itself(dict):
+    def __copy__(self):
+        return self
+
+
+class Bag(MutableMapping):
+    """A mutable mapping keeping its items in an attribute: a shallow copy shares them."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __delitem__(self, key):
+        del self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
 Point = namedtuple("Point", ["x", "y"])
 
 
@@ -445,6 +472,8 @@ REFUSED = {
     "read-only mapping of another kind": (lambda v: Frame({"w": v}), "Frame"),
     "dict subclass that cannot be copied": (lambda v: Uncopyable(w=v), "no copies of this one"),
     "tuple subclass with attributes": (lambda v: _with_attribute(Pair((v,))), "Pair"),
+    "dict subclass whose copy is itself": (lambda v: Itself(w=v), "the copy shares its items"),
+    "mapping whose copy would share its items": (lambda v: Bag({"w": v}), "Bag"),
 }
 
 
@@ -470,9 +499,12 @@ def test_containers_that_cannot_be_rebuilt_are_refused(kind, call, rng):
         "norm_penalty": lambda g: gc.norm_penalty(g, 0.1, 1.0),
     }
     fix = "pass a dict, list, tuple or namedtuple"
+    odd = grads["odd"][1]
+    items = list(odd.items()) if isinstance(odd, Mapping) else list(odd)
     with raises_with(TypeError, "grads['odd'][1] is", fragment, "cannot rebuild", fix):
         calls[call](grads)
     frozen.check()
+    assert (list(odd.items()) if isinstance(odd, Mapping) else list(odd)) == items  # the container too
 
 
 def test_a_container_inside_itself_is_refused(rng):
