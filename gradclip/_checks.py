@@ -29,21 +29,22 @@ def with_article(noun):
 
 
 def _real(name, value):
+    if type(value) is float:  # the common case, first
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    return _as_float(name, value)
-
-
-def _as_float(name, value):
-    """``float(value)``; an int beyond float64's range is an error, as in Python and NumPy,
-    rather than a silent inf."""
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(
-            f"{name} is an int of {len(str(abs(int(value))))} digits, beyond the float64 range (the "
-            "largest finite value is 1.8e308); pass math.inf for no limit"
-        ) from None
+        raise _beyond_float64(name, value) from None
+
+
+def _beyond_float64(name, value):
+    """An int too large for a float: an error, as in Python and NumPy, rather than inf."""
+    return ValueError(
+        f"{name} is an int of {len(str(abs(int(value))))} digits, beyond the float64 range (the "
+        "largest finite value is 1.8e308); pass math.inf for no limit"
+    )
 
 
 def nonnegative(name, value):
@@ -65,8 +66,8 @@ def norm_type(value):
 def total_norm(value):
     """A norm computed elsewhere, a real number or a 0-d array (or CPU tensor) of a real
     dtype: >= 0, or non-finite (which means: do not clip)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        x = _as_float("total_norm", value)
+    if type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        x = _real("total_norm", value)
     else:
         try:
             array = None if isinstance(value, (str, bytes)) else np.asarray(value)
@@ -487,7 +488,10 @@ def shape_mismatch(grads_path, grad_shape, params_path, param_shape):
 
 def recorded_norm(value):
     """A norm given to NormMonitor.record: >= 0, or NaN / inf (a non-finite step)."""
-    x = _as_float("a recorded norm", value)
+    try:
+        x = float(value)
+    except OverflowError:
+        raise _beyond_float64("a recorded norm", value) from None
     if x < 0:
         raise ValueError(f"a recorded norm must be >= 0 (or NaN / inf); got {value!r}")
     return x

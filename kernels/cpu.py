@@ -739,7 +739,7 @@ def _read_array_headers(object_addresses, ndarray_type, owners):
     size = np.empty(n, np.int64)
     descr = np.empty(n, np.int64)
     flags = np.empty(n, np.int64)
-    owner = np.empty(n if owners else 0, np.int64)
+    owner = np.empty(n, np.int64) if owners else object_addresses  # not written unless owners
     known = owners
     for i in range(n):
         obj = object_addresses[i]
@@ -801,22 +801,22 @@ def _plain_headers(object_addresses, ndarray_type, required, any_of):
 # function per driver kind: Numba compiles every function a function calls, and the
 # parallel drivers, slow to compile, are then compiled only once a list is large enough.
 #
-# A list is described by ``plain``: its address, the ndarray type's and the dtype's, the
-# dtype's itemsize, the flags `plain_headers` checks (``required``, ``any_of``) and the
-# range of element counts the function takes. Each returns ``(status, result)``; unless
-# it RAN, nothing was written. The ops go to the drivers as run-time integers, as the
-# general path passes them, so the drivers compiled for it serve (constants would
-# compile copies).
+# A list is described by ``plain``: its address, the ndarray type's and the dtype's,
+# the flags `plain_headers` checks (``required``, ``any_of``) and the range of element
+# counts the function takes. Each returns ``(status, result)``; unless it RAN, nothing
+# was written. The ops go to the drivers as run-time integers, as the general path
+# passes them, so the drivers compiled for it serve (constants would compile copies).
 
 RAN, DECLINED, OUT_OF_RANGE = range(3)
 
 
 @njit(inline="always")
-def _plain_table(plain):
+def _plain_table(plain, itemsize):
     """``(status, addr, count, step, seg_leaf)``: the list's table, or why not. A call
     that writes declines arrays that may share memory (see `_read_array_headers` and
-    `in_address_order`); the general path then decides, and names them."""
-    list_address, ndarray_type, dtype_address, itemsize, required, any_of, lowest_size, size_limit = plain
+    `in_address_order`; ``itemsize``: the dtype's); the general path then decides, and
+    names them."""
+    list_address, ndarray_type, dtype_address, required, any_of, lowest_size, size_limit = plain
     ok, addr, count, descr, one_dtype, _, size, may_share = _plain_headers(
         _list_items(list_address), ndarray_type, required, any_of
     )
@@ -832,7 +832,7 @@ def _plain_table(plain):
 
 @njit(inline="always")
 def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
-    status, addr, count, step, seg_leaf = _plain_table(plain)
+    status, addr, count, step, seg_leaf = _plain_table(plain, witness.itemsize)
     if status != RAN:
         return status, 0.0
     n = count.size
@@ -849,7 +849,7 @@ def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
 
 @njit(inline="always")
 def _count_nonfinite(reduce, plain, witness):
-    status, addr, count, step, seg_leaf = _plain_table(plain)
+    status, addr, count, step, seg_leaf = _plain_table(plain, witness.itemsize)
     counts = np.zeros(count.size)
     if status == RAN:
         reduce(np.int64(NONFINITE), addr, count, step, seg_leaf, 2.0, counts, counts, witness)
@@ -858,7 +858,7 @@ def _count_nonfinite(reduce, plain, witness):
 
 @njit(inline="always")
 def _update_in_place(update, plain, op, bound, witness):
-    status, addr, count, step, seg_leaf = _plain_table(plain)
+    status, addr, count, step, seg_leaf = _plain_table(plain, witness.itemsize)
     changed = np.int64(0)
     if status == RAN:
         changed = update(op, addr, count, step, seg_leaf, np.zeros(0), bound, witness)
@@ -903,7 +903,7 @@ def _run_plain(serial, parallel, objects, dtype, required, any_of, size_limit, *
     """The result of ``serial``, or of ``parallel`` for many elements; None unless one ran."""
     if not (_header_layout_confirmed() and _list_layout_confirmed()):
         return None
-    plain = (id(objects), id(np.ndarray), id(dtype), dtype.itemsize, required, any_of)
+    plain = (id(objects), id(np.ndarray), id(dtype), required, any_of)
     status, result = serial((*plain, 0, PARALLEL_MIN), *args)
     if status == OUT_OF_RANGE:
         status, result = parallel((*plain, PARALLEL_MIN, size_limit), *args)
