@@ -739,8 +739,10 @@ def _read_array_headers(object_addresses, ndarray_type, owners):
     size = np.empty(n, np.int64)
     descr = np.empty(n, np.int64)
     flags = np.empty(n, np.int64)
-    owner = np.empty(n, np.int64) if owners else object_addresses  # not written unless owners
-    known = owners
+    if not (owners or _distinct(object_addresses)):  # the same object twice
+        return False, data, size, descr, flags, True
+    owner = np.empty(n, np.int64) if owners else object_addresses  # written only with owners
+    all_own = known = True
     for i in range(n):
         obj = object_addresses[i]
         if _load_int64(obj + _TYPE) != ndarray_type:  # checked before reading further
@@ -752,12 +754,21 @@ def _read_array_headers(object_addresses, ndarray_type, owners):
             size[i] *= _load_int64(dims + 8 * axis)
         descr[i] = _load_int64(obj + _DESCR)
         flags[i] = _load_int32(obj + _FLAGS)
-        if owners:
+        if owners and not flags[i] & _OWNDATA:
+            if all_own:  # the first view: the arrays before it are their own owners
+                owner[:i] = object_addresses[:i]
+                all_own = False
             owner[i] = _owner(obj, flags[i], ndarray_type)
             known &= owner[i] != 0
+        elif owners and not all_own:
+            owner[i] = obj
+    if not owners:
+        return True, data, size, descr, flags, True
+    if all_own:  # distinct objects owning their memory share none
+        return _distinct(object_addresses), data, size, descr, flags, False
     if known and _distinct(owner):  # distinct owners: distinct objects too
         return True, data, size, descr, flags, False
-    return _distinct(object_addresses), data, size, descr, flags, True  # the same object twice: not ok
+    return _distinct(object_addresses), data, size, descr, flags, True
 
 
 def plain_headers(objects, required, any_of):
