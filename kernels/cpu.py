@@ -24,9 +24,10 @@ Accumulation is in float64. ``fastmath`` allows reassociation and contraction
 seen.
 
 Also here: ``plain_headers`` / ``array_layouts`` read many NumPy array headers in
-one call (the boundary's per-leaf cost); ``plain_list_norm`` and its siblings run a
-whole operation on a plain list of arrays in one call; and ``accumulate_table`` adds a
-table of grads into contiguous buffers (``GradAccumulator``).
+one call (the boundary's per-leaf cost); ``in_address_order`` / ``disjoint`` tell
+whether byte ranges overlap (``gradclip._overlap``); ``plain_list_norm`` and its
+siblings run a whole operation on a plain list of arrays in one call; and
+``accumulate_table`` adds a table of grads into contiguous buffers (``GradAccumulator``).
 """
 
 import functools
