@@ -8,7 +8,7 @@ totals and updated once; per-position results are gathered back through
 
 import numpy as np
 
-from . import _checks, _cuda, _dispatch, _table, _tree
+from . import _checks, _cuda, _dispatch, _overlap, _table, _tree
 from ._kernels import cpu as kernels
 
 
@@ -58,8 +58,9 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
     """Flatten and validate ``grads`` for ``function`` (its name, for messages).
 
     ``writes``: the call updates leaves in place (they must be writable, without
-    repeated elements). ``real_only``: complex leaves are refused. ``cuda``: the
-    caller handles GPU leaves (``Batch.cuda``); otherwise they are refused.
+    repeated elements, and no two may share memory). ``real_only``: complex leaves are
+    refused. ``cuda``: the caller handles GPU leaves (``Batch.cuda``); otherwise they
+    are refused.
     """
     if type(grads) is list and grads and not _dispatch.on_cuda(grads[0]):
         # a flat list of arrays (or of tensors), most likely: no walk needed
@@ -104,28 +105,57 @@ def collect(grads, function, *, writes=False, real_only=False, cuda=False):
             originals.append(leaf)
         unique_of.append(unique)
     unique_of = np.array(unique_of, dtype=np.int64)
+    cpu_tables = tables(arrays)
+    if writes:
+        lo, hi = _table.extents(cpu_tables, len(arrays))
+        _check_no_shared_memory(treedef, unique_of, lo, hi, lambda u: _layout(arrays[u]), function)
     gpu = None
     if gpu_leaves:
         gpu_index = np.full(len(arrays), -1, np.int64)
         gpu_index[gpu_unique] = np.arange(len(gpu_unique))
+        if writes:  # the GPU leaves among themselves: another memory
+            lo, hi = np.zeros(len(arrays), np.int64), np.zeros(len(arrays), np.int64)
+            for u, leaf in zip(gpu_unique, gpu_leaves):
+                lo[u], hi[u] = _overlap.extent(*_layout(leaf))
+            _check_no_shared_memory(treedef, unique_of, lo, hi, lambda u: _layout(gpu_leaves[gpu_index[u]]), function)
         positions = gpu_index[unique_of]
         mixed = len(gpu_leaves) < len(arrays)
-        gpu = _cuda.part(gpu_leaves, gpu_unique, positions[positions >= 0], mixed, None if mixed else (leaves, unique_of))
-    return Batch(treedef, arrays, unique_of, tables(arrays), originals, gpu)
+        keep = None if mixed else (leaves, unique_of, writes)
+        gpu = _cuda.part(gpu_leaves, gpu_unique, positions[positions >= 0], mixed, keep)
+    return Batch(treedef, arrays, unique_of, cpu_tables, originals, gpu)
 
 
 def _reuse(leaves, treedef, grads, writes, real_only):
     """The Batch of a call whose GPU leaves are those of a recent call (`_cuda.cached`), if
-    its plan allows this call (writable leaves for ``writes``, real ones for
-    ``real_only``); else None, and the general path decides (and names any error)."""
+    its plan allows this call (writable leaves known not to share memory for ``writes``,
+    real ones for ``real_only``); else None, and the general path decides (and names any
+    error)."""
     gpu = _cuda.cached(leaves)
-    if gpu is None or (writes and not gpu.plan.writable) or (real_only and not gpu.plan.real):
+    if gpu is None:
         return None
     plan = gpu.plan
+    if (writes and not (plan.writable and plan.disjoint)) or (real_only and not plan.real):
+        return None
     if treedef is None:
         treedef = _tree.list_of_leaves(len(leaves))
     originals = leaves if plan.first_positions is None else [leaves[i] for i in plan.first_positions]
     return Batch(treedef, [_GPU_PLACEHOLDER] * len(originals), plan.unique_of, [], originals, gpu)
+
+
+def _check_no_shared_memory(treedef, unique_of, lo, hi, layout, function):
+    """Raise if two distinct leaves, of byte ranges ``lo``/``hi`` (zero where none), share
+    memory, naming both."""
+    pair = _overlap.first_overlap(lo, hi, layout)
+    if pair is not None:
+        first, second = (_tree.path(treedef, int(np.argmax(unique_of == u))) for u in pair)
+        raise _checks.shared_memory(first, second, function)
+
+
+def _layout(array):
+    """``(address, shape, strides, itemsize)`` of a NumPy array or a GPU leaf."""
+    if isinstance(array, np.ndarray):
+        return array.ctypes.data, array.shape, array.strides, array.itemsize
+    return array.ptr, array.shape, array.strides, array.itemsize
 
 
 _GPU_PLACEHOLDER = np.empty(0)
@@ -166,17 +196,20 @@ def _required_flags(writes):
 def _collect_plain_or_torch(leaves, treedef, writes, real_only):
     """`_collect_plain`, or its twin for CPU torch tensors, or None."""
     batch = _collect_plain(leaves, treedef, writes, real_only)
-    return batch if batch is not None else _collect_torch(leaves, treedef, real_only)
+    return batch if batch is not None else _collect_torch(leaves, treedef, writes, real_only)
 
 
-def _collect_torch(leaves, treedef, real_only):
+def _collect_torch(leaves, treedef, writes, real_only):
     """`_collect_plain` for distinct, contiguous CPU torch tensors of supported dtypes
-    (always writable): the tables come from the addresses and sizes torch reports, and
-    ``Batch.arrays`` makes each tensor's NumPy view only if it is asked for."""
-    headers = _dispatch.torch_cpu_headers(leaves)
+    (not requiring grad, if ``writes``): the tables come from the addresses and sizes
+    torch reports, and ``Batch.arrays`` makes each tensor's NumPy view only if it is
+    asked for."""
+    headers = _dispatch.torch_cpu_headers(leaves, writes)
     if headers is None:
         return None
-    data, size, dtypes, code, views = headers
+    data, size, itemsize, dtypes, code, views = headers
+    if writes and not _overlap.disjoint(data, data + size * itemsize):
+        return None  # tensors that share memory: the general path names them
     tables = []
     for c, dtype in enumerate(dtypes):
         if real_only and dtype.kind == "c":
@@ -191,13 +224,14 @@ def _collect_plain(leaves, treedef, writes, real_only):
     """The common case without a Python step per leaf, or None to take the general path.
 
     It applies when every leaf is a distinct, aligned, contiguous ``numpy.ndarray`` of a
-    dtype already accepted once (writable if ``writes``; real if ``real_only``):
-    then nothing can fail, and the array headers read in one kernel call say all.
+    dtype already accepted once (writable, and sharing no memory with another, if
+    ``writes``; real if ``real_only``): then nothing can fail, and the array headers
+    read in one kernel call say all.
     """
     headers = kernels.plain_headers(leaves, _required_flags(writes), _CONTIGUOUS) if leaves else None
     if headers is None:
         return None
-    data, size, descr, one_dtype, none_empty, total = headers
+    data, size, descr, one_dtype, none_empty, total, may_share = headers
     if one_dtype:
         groups = [(leaves[0].dtype, None if none_empty else np.flatnonzero(size))]
     else:
@@ -205,6 +239,8 @@ def _collect_plain(leaves, treedef, writes, real_only):
             (leaves[int(np.argmax(descr == address))].dtype, np.flatnonzero((descr == address) & (size > 0)))
             for address in np.unique(descr)
         ]
+    if writes and may_share and not _overlap.disjoint(data, data + size * _itemsizes(leaves, descr, one_dtype)):
+        return None  # arrays that share memory: the general path names them
     tables = []
     for dtype, rows in groups:
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
@@ -219,12 +255,25 @@ def _collect_plain(leaves, treedef, writes, real_only):
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)
 
 
+def _itemsizes(leaves, descr, one_dtype):
+    """The itemsize of each leaf (or of all, if ``one_dtype``), given their dtypes' addresses."""
+    if one_dtype:
+        return leaves[0].dtype.itemsize
+    itemsize = np.empty_like(descr)
+    for address in np.unique(descr):
+        of_dtype = descr == address
+        itemsize[of_dtype] = leaves[int(np.argmax(of_dtype))].dtype.itemsize
+    return itemsize
+
+
 def _check(leaf, array, where, function, writes, real_only):
     _checks.check_dtype(where, array.dtype)
     if real_only:
         _checks.check_real(where, array.dtype, function)
     if writes and not array.flags.writeable:
         _checks.check_writable(where, array, function, _dispatch.immutable_kind(leaf))
+    if writes and _dispatch.requires_grad(leaf):
+        raise _checks.requires_grad(where, function)
     flags = array.flags.num
     if not flags & _ALIGNED:
         _checks.check_aligned(where, array)

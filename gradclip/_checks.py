@@ -6,6 +6,7 @@ expected, and how to fix it. ``where`` is a callable returning the leaf's path:
 it is only worked out when a message is raised.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -22,10 +23,28 @@ class NonFiniteGradientError(FloatingPointError, RuntimeError):
     __module__ = "gradclip"  # where users import it from
 
 
+def with_article(noun):
+    """``"an int"``, ``"a str"``: ``noun`` (a type name, mostly) after its indefinite article."""
+    return ("an " if noun[:1].lower() in "aeio" else "a ") + noun
+
+
 def _real(name, value):
+    if type(value) is float:  # the common case, first
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise _beyond_float64(name, value) from None
+
+
+def _beyond_float64(name, value):
+    """An int too large for a float: an error, as in Python and NumPy, rather than inf."""
+    return ValueError(
+        f"{name} is an int of {len(str(abs(int(value))))} digits, beyond the float64 range (the "
+        "largest finite value is 1.8e308); pass math.inf for no limit"
+    )
 
 
 def nonnegative(name, value):
@@ -45,13 +64,21 @@ def norm_type(value):
 
 
 def total_norm(value):
-    """A norm computed elsewhere: >= 0, or non-finite (which means: do not clip)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"total_norm must be a real number or a 0-d array; got {type(value).__name__}"
-        ) from None
+    """A norm computed elsewhere, a real number or a 0-d array (or CPU tensor) of a real
+    dtype: >= 0, or non-finite (which means: do not clip)."""
+    if type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        x = _real("total_norm", value)
+    else:
+        try:
+            array = None if isinstance(value, (str, bytes)) else np.asarray(value)
+        except (TypeError, ValueError, RuntimeError):
+            array = None
+        if array is None or array.shape != () or array.dtype.kind not in "fiu":
+            raise TypeError(
+                f"total_norm must be a real number or a 0-d array of a real dtype (a norm, as "
+                f"grad_norm returns it); got {type(value).__name__} {value!r}"
+            )
+        x = float(array)
     if x < 0:
         raise ValueError(f"total_norm must be >= 0 (or NaN/inf to skip clipping); got {x!r}")
     return x
@@ -105,7 +132,7 @@ def not_in_grads(where, leaf):
 
 def not_an_array(where, leaf):
     return TypeError(
-        f"{where()} is a {type(leaf).__name__}; expected an array (numpy.ndarray, or an object "
+        f"{where()} is {with_article(type(leaf).__name__)}; expected an array (numpy.ndarray, or an object "
         "with __dlpack__ or __cuda_array_interface__), a container of arrays, or None"
     )
 
@@ -169,11 +196,49 @@ def unsupported_torch_dtype(where, dtype):
     )
 
 
+def container_refused(path, cls, error=None):
+    why = f" (copying an empty one failed: {type(error).__name__}: {error})" if error is not None else ""
+    return TypeError(
+        f"{path} is {with_article(cls.__module__ + '.' + cls.__qualname__)}, a container gradclip "
+        f"cannot rebuild faithfully{why}; pass a dict, list, tuple or namedtuple of the arrays "
+        "(e.g. dict(x) or list(x))"
+    )
+
+
+def container_cycle(path):
+    return ValueError(
+        f"{path} is a container that holds itself (a cycle); grads must be a tree: pass the "
+        "arrays without the back reference"
+    )
+
+
+def container_too_deep(path, limit):
+    return ValueError(
+        f"{path} is nested more than {limit} containers deep; pass the arrays in a flatter "
+        "structure (e.g. a list of them)"
+    )
+
+
+def masked_array(where):
+    return TypeError(
+        f"{where()} is a numpy.ma.MaskedArray; gradclip reads every element and would ignore "
+        "the mask; pass x.filled(0) (masked entries as zeros) or x.data (the values underneath)"
+    )
+
+
+def tensor_without_memory(where, what):
+    return TypeError(
+        f"{where()} is {what}, which has no dense memory for gradclip to read; "
+        "pass a dense tensor with values (e.g. tensor.to_dense() for a sparse one)"
+    )
+
+
 def requires_grad(where, function):
     return ValueError(
-        f"{where()} is a torch tensor that requires grad, and {function} writes in place, which "
-        "torch refuses for such tensors; pass its .grad, or tensor.detach() to write through "
-        "autograd's back"
+        f"{where()} is a torch tensor that requires grad, and {function} would write into it "
+        "behind autograd's back (torch refuses in-place writes into such tensors); pass its .grad "
+        "if you meant the gradient, or to change the tensor itself call inside torch.no_grad() "
+        "(as optimisers do) or pass tensor.detach()"
     )
 
 
@@ -185,6 +250,14 @@ def total_norm_dtype(dtype):
     return TypeError(
         f"total_norm is a device array of dtype {dtype}; expected a floating dtype (convert it, "
         "e.g. with .astype(np.float64))"
+    )
+
+
+def shared_memory(first, second, function):
+    return ValueError(
+        f"{first} and {second} share memory (views of one buffer with elements in common), so "
+        f"{function} would write those elements twice; pass each element once: the buffer itself, "
+        "views that do not overlap, or copies (np.array(x))"
     )
 
 
@@ -325,6 +398,73 @@ def state_keys(owner, state, expected):
         )
 
 
+def flag(name, value):
+    """``value`` as a bool; it must be one (``bool`` or ``numpy.bool_``), not a truthy string."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _shown(value):
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    if isinstance(value, np.dtype):
+        return f"dtype {value}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def bad_checkpoint(owner, field, expected, got):
+    """A field of a state dict that `state_dict` cannot have made."""
+    return ValueError(
+        f"{owner}.load_state_dict: {field} must be {expected}; got {_shown(got)}. Pass the dict "
+        f"returned by {owner}.state_dict() (the {owner} is unchanged)"
+    )
+
+
+def saved_argument(owner, error):
+    """A constructor argument of a state dict that the constructor refused with ``error``."""
+    return ValueError(
+        f"{owner}.load_state_dict: {error}. Pass the dict returned by {owner}.state_dict() (the "
+        f"{owner} is unchanged)"
+    )
+
+
+def saved_count(owner, field, value, low, high=None):
+    """``value`` as an int in ``[low, high)`` (no upper bound if ``high`` is None)."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise bad_checkpoint(owner, field, expected, value)
+    if value < low or (high is not None and value >= high):
+        raise bad_checkpoint(owner, field, expected, value)
+    return int(value)
+
+
+def saved_statistic(owner, field, value):
+    """A norm statistic (a norm, a mean of norms, a variance): a finite float >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise bad_checkpoint(owner, field, "a finite number >= 0", value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float64
+        x = math.inf
+    if not (math.isfinite(x) and x >= 0):
+        raise bad_checkpoint(owner, field, "a finite number >= 0", value)
+    return x
+
+
+def saved_statistics(owner, field, values, most):
+    """A list (or tuple) of at most ``most`` norm statistics (any number if ``most`` is None)."""
+    if not isinstance(values, (list, tuple)):
+        raise bad_checkpoint(owner, field, "a list of finite numbers >= 0", values)
+    if most is not None and len(values) > most:
+        raise bad_checkpoint(owner, field, f"a list of at most {most} numbers", values)
+    return [saved_statistic(owner, f"{field}[{i}]", value) for i, value in enumerate(values)]
+
+
 def axis(value):
     """``None``, or the axes of ``value`` (an int or a tuple of ints) as a tuple."""
     if value is None:
@@ -373,7 +513,10 @@ def shape_mismatch(grads_path, grad_shape, params_path, param_shape):
 
 def recorded_norm(value):
     """A norm given to NormMonitor.record: >= 0, or NaN / inf (a non-finite step)."""
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:
+        raise _beyond_float64("a recorded norm", value) from None
     if x < 0:
         raise ValueError(f"a recorded norm must be >= 0 (or NaN / inf); got {value!r}")
     return x
@@ -403,7 +546,7 @@ def accumulator_dtype(value):
         return None
     try:
         dtype = np.dtype(value)
-    except TypeError:
+    except (TypeError, ValueError):
         dtype = None
     if dtype is None or dtype.name not in SUPPORTED_DTYPES or not dtype.isnative:
         raise TypeError(

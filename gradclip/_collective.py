@@ -83,7 +83,7 @@ class Collective:
 def _replicated_mask(batch, replicated):
     """Per unique leaf of ``batch``: is it one of the ``replicated`` leaves?"""
     unique = {id(original): u for u, original in enumerate(batch.originals)}
-    leaves, treedef = _tree.flatten(replicated)
+    leaves, treedef = _tree.flatten(replicated, "replicated")
     mask = np.zeros(len(batch.originals), dtype=bool)
     for position, leaf in enumerate(leaves):
         u = unique.get(id(leaf))

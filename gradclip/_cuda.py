@@ -33,7 +33,7 @@ import weakref
 
 import numpy as np
 
-from . import _checks, _table
+from . import _checks, _dispatch, _table
 
 _PLANS_KEPT = 16
 """Plans kept for reuse (most recently used first)."""
@@ -176,7 +176,7 @@ def _describe_tensor(torch, tensor, where):
         tensor, "torch", tensor.data_ptr(), tuple(tensor.shape), tuple(s * itemsize for s in tensor.stride()),
         dtype, tensor.device.index,
     )
-    leaf.readonly = bool(tensor.requires_grad)  # torch refuses in-place writes into such tensors
+    leaf.readonly = _dispatch.requires_grad(tensor)  # torch refuses in-place writes into such tensors
     return leaf
 
 
@@ -525,6 +525,7 @@ class Plan:
         self.writable = not any(leaf.readonly for leaf in leaves)
         self.real = not any(leaf.dtype.kind == "c" for leaf in leaves)
         self.unique = self.unique_of = self.first_positions = None  # the call's, for reuse (`keep`)
+        self.disjoint = False  # whether its leaves were found not to share memory
         self.launcher = _Launcher(stream)
         self.lock = threading.Lock()
         self._place(_layout(leaves, self.positions, orders, self.device))
@@ -900,8 +901,9 @@ class Part:
 def part(leaves, unique, positions, mixed, keep=None):
     """The `Part` of a call's GPU ``leaves`` (unique, with their ``unique`` ids), whose
     per-position results follow ``positions`` (indices into ``leaves``). ``keep``: the
-    call's leaves in position order and their unique ids, when every leaf is on the GPU:
-    the plan is then kept for later calls with the same leaves."""
+    call's leaves in position order, their unique ids and whether they were found not to
+    share memory, when every leaf is on the GPU: the plan is then kept for later calls
+    with the same leaves."""
     return Part(unique, leaves, positions, mixed, keep=keep)
 
 
@@ -917,11 +919,11 @@ def cached(leaves):
     return Part(plan.unique, plan.leaves, plan.positions, False, plan)
 
 
-def _keep(part, leaves, unique_of):
+def _keep(part, leaves, unique_of, checked_disjoint):
     if call_stream(leaves[0]) is None:
         return  # parts of leaves, or producers whose stream is declared per array
     plan = part.plan
-    plan.unique, plan.unique_of = part.unique, unique_of
+    plan.unique, plan.unique_of, plan.disjoint = part.unique, unique_of, checked_disjoint
     distinct = unique_of.size == part.unique.size
     plan.first_positions = None if distinct else np.unique(unique_of, return_index=True)[1].tolist()
     _PLANS.keep(plan, leaves, plan.stream)

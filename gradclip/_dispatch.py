@@ -37,7 +37,7 @@ def on_cuda(leaf):
         return True
     torch = _torch_of(leaf)
     if torch is not None:  # before the interface, which a tensor requiring grad refuses
-        return leaf.is_cuda
+        return leaf.is_cuda and _torch_without_memory(leaf) is None  # a sparse one: `as_cpu_array` names it
     if hasattr(leaf, "__cuda_ndarray__") or hasattr(leaf, "__cuda_array_interface__"):
         if kind.__module__.startswith(("cupy", "numba")):
             _CUDA_TYPES.add(kind)  # every array of these types is a CUDA array (CuPy makes the interface per call)
@@ -70,11 +70,16 @@ def as_cuda_leaf(leaf, where):
 def as_cpu_array(leaf, where):
     """``leaf`` as a NumPy array sharing its memory; ``where()`` names it in errors."""
     if isinstance(leaf, np.ndarray):
+        if type(leaf) is not np.ndarray and _is_masked(leaf):
+            raise _checks.masked_array(where)
         return leaf
     if isinstance(leaf, np.generic):
         scalar = np.array(leaf)
         scalar.flags.writeable = False  # a NumPy scalar is immutable
         return scalar
+    what = _torch_without_memory(leaf)
+    if what is not None:
+        raise _checks.tensor_without_memory(where, what)
     if on_cuda(leaf):
         raise _checks.cpu_only(where, leaf, "this function")
     if hasattr(leaf, "__dlpack__") and hasattr(leaf, "__dlpack_device__"):
@@ -94,9 +99,10 @@ def as_cpu_array(leaf, where):
     raise _checks.not_an_array(where, leaf)
 
 
-def torch_cpu_headers(leaves):
-    """``(data, size, dtypes, code, views)`` of ``leaves`` if they are all distinct,
-    contiguous CPU torch tensors of supported dtypes, else None.
+def torch_cpu_headers(leaves, writes):
+    """``(data, size, itemsize, dtypes, code, views)`` of ``leaves`` if they are all
+    distinct, contiguous CPU torch tensors of supported dtypes (none requiring grad, if
+    ``writes``), else None.
 
     The bulk path for the common PyTorch call (a model's gradients): addresses and
     sizes are read from torch (a few hundred nanoseconds a tensor), ``dtypes[code[i]]``
@@ -117,6 +123,8 @@ def torch_cpu_headers(leaves):
         for leaf in leaves:
             if not (isinstance(leaf, tensor_type) and leaf.is_cpu and leaf.is_contiguous()):
                 return None
+            if writes and leaf.requires_grad:
+                return None
             dtype = leaf.dtype
             c = codes.get(dtype)
             if c is None:
@@ -134,9 +142,10 @@ def torch_cpu_headers(leaves):
         return None
     data, size, code = (np.array(column, dtype=np.int64) for column in (data, size, code))
     dtypes = [known[dtype] for dtype in codes]
-    if np.any(data % np.array([d.itemsize for d in dtypes])[code]):  # e.g. torch.frombuffer at an odd offset
+    itemsize = np.array([d.itemsize for d in dtypes])[code]
+    if np.any(data % itemsize):  # e.g. torch.frombuffer at an odd offset
         return None
-    return data, size, dtypes, code, TensorViews(leaves)
+    return data, size, itemsize, dtypes, code, TensorViews(leaves)
 
 
 class TensorViews(Sequence):
@@ -174,6 +183,30 @@ def _torch_dtypes(torch):
     }
 
 
+def requires_grad(leaf):
+    """Whether ``leaf`` is a torch tensor that requires grad outside ``torch.no_grad()``:
+    where torch refuses in-place writes into a leaf tensor, which would bypass autograd."""
+    torch = _torch_of(leaf)
+    return torch is not None and leaf.requires_grad and torch.is_grad_enabled()
+
+
+def _torch_without_memory(leaf):
+    """What a torch tensor without strided memory to view is ("a sparse torch tensor
+    (layout torch.sparse_coo)", "a torch tensor on the meta device"), or None for any
+    other leaf."""
+    torch = _torch_of(leaf)
+    if torch is None:
+        return None
+    if leaf.layout != torch.strided:
+        return f"a sparse torch tensor (layout {leaf.layout})"
+    return "a torch tensor on the meta device" if leaf.is_meta else None
+
+
+def _is_masked(array):
+    ma = sys.modules.get("numpy.ma")  # a masked array can only exist once numpy.ma is imported
+    return ma is not None and isinstance(array, ma.MaskedArray)
+
+
 def immutable_kind(leaf):
     """What makes ``leaf`` read-only by nature, for the message, or None."""
     return "a JAX array (jax.Array is immutable)" if _jax_of(leaf) is not None else None
@@ -182,14 +215,16 @@ def immutable_kind(leaf):
 def like(original, array, owned=True):
     """``array`` (a result) as a leaf of the caller's kind, given its input leaf ``original``.
 
-    torch in -> a ``torch.Tensor`` sharing ``array``'s memory (a CUDA one for a GPU result); JAX in -> a
-    ``jax.Array`` on the original's devices; a NumPy scalar -> a NumPy scalar;
-    anything else -> ``array`` itself. The dtype is ``array``'s (bfloat16 included).
+    torch in -> a ``torch.Tensor`` sharing ``array``'s memory (a CUDA one for a GPU
+    result); JAX in -> a ``jax.Array`` on the original's devices; a NumPy scalar -> a
+    NumPy scalar; an ``np.matrix`` -> an ``np.matrix`` view (the type is all a matrix
+    adds, and it decides what ``*`` means); anything else -> ``array`` itself. The dtype
+    is ``array``'s (bfloat16 included).
     ``owned``: nothing else will write ``array``, so a JAX array may alias it;
     otherwise (a buffer gradclip reuses) JAX gets a copy, as its arrays never change.
     """
     if isinstance(original, np.ndarray):
-        return array
+        return array.view(np.matrix) if isinstance(original, np.matrix) else array
     if isinstance(original, np.generic):
         return array[()]
     torch = _torch_of(original)

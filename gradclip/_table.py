@@ -10,6 +10,7 @@ kernels read and write the leaves' own memory.
 """
 
 import functools
+import numbers
 
 import numpy as np
 
@@ -57,6 +58,21 @@ def build(dtype, arrays, leaf_ids):
         for i, column in enumerate(flat_columns)
     ]
     return Table(*columns, witness(dtype))
+
+
+def extents(tables, n):
+    """``(lo, hi)``: the byte range of each of ``n`` leaves described by ``tables``, from its
+    first byte to past its last (``lo == hi == 0`` for a leaf without rows: no element)."""
+    lo, hi = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for table in tables:
+        if not table.addr.size:
+            continue
+        ends = table.addr + ((table.count - 1) * table.step + 1) * table.witness.itemsize
+        firsts = np.flatnonzero(np.diff(table.seg_leaf, prepend=-1))  # a leaf's rows are consecutive
+        leaves = table.seg_leaf[firsts]
+        lo[leaves] = np.minimum.reduceat(table.addr, firsts)
+        hi[leaves] = np.maximum.reduceat(ends, firsts)
+    return lo, hi
 
 
 @functools.cache
@@ -108,6 +124,25 @@ def traversal(array):
     `dense_offsets`).
     """
     return tuple((axis, flipped) for axis, _, _, flipped in _axes(array))
+
+
+def as_traversal(order, shape):
+    """``order`` as the `traversal` of some array of ``shape`` (a saved one, checked), or None:
+    ``(axis, flipped)`` pairs naming each axis whose length is not 1 once."""
+    if not isinstance(order, (list, tuple)):
+        return None
+    pairs = []
+    for pair in order:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            return None
+        axis, flipped = pair
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            return None
+        if not isinstance(flipped, (bool, np.bool_)):
+            return None
+        pairs.append((int(axis), bool(flipped)))
+    walked = sorted(axis for axis, _ in pairs)
+    return tuple(pairs) if walked == [axis for axis, n in enumerate(shape) if n != 1] else None
 
 
 def dense_offsets(array):

@@ -12,12 +12,15 @@ strides that follow the same walk (``_table.dense_view``), so a transposed grad
 gets a transposed-looking result with every value at its own index.
 """
 
+import numbers
+
 import numpy as np
 
 from . import _backend, _batch, _checks, _table, _tree
 
 _HALF = ("float16", "bfloat16")
 
+_OWNER = "GradAccumulator"
 _CONFIG = ("accum_steps", "average", "accumulator_dtype", "skip_nonfinite", "copy_result")
 _STATE = ("current_step", "skipped", "structure", "buffers")
 
@@ -84,10 +87,10 @@ class GradAccumulator:
 
     def __init__(self, accum_steps, *, average=True, accumulator_dtype=None, skip_nonfinite=False, copy_result=True):
         self._accum_steps = _checks.count("accum_steps", accum_steps, 1)
-        self._average = bool(average)
+        self._average = _checks.flag("average", average)
         self._accumulator_dtype = _checks.accumulator_dtype(accumulator_dtype)
-        self._skip_nonfinite = bool(skip_nonfinite)
-        self._copy_result = bool(copy_result)
+        self._skip_nonfinite = _checks.flag("skip_nonfinite", skip_nonfinite)
+        self._copy_result = _checks.flag("copy_result", copy_result)
         self._current_step = 0
         self._skipped = 0
         self._window = None  # the _Buffers, from the first accepted micro-batch on
@@ -182,20 +185,28 @@ class GradAccumulator:
 
         Raises
         ------
-        ValueError, TypeError
-            Keys missing or unexpected, or values that do not fit together.
+        ValueError
+            Keys missing or unexpected, or a field that `state_dict` cannot have made: of
+            the wrong type or out of range, a structure that is not one `flatten` makes
+            (containers, shapes, dtypes, buffer orders), or buffers that do not fit it.
+        TypeError
+            ``state`` is not a dict.
         """
-        _checks.state_keys("GradAccumulator", state, _CONFIG + _STATE)
-        restored = GradAccumulator(**{name: state[name] for name in _CONFIG})
-        current = _checks.count("current_step", state["current_step"], 0)
-        skipped = _checks.count("skipped", state["skipped"], 0)
-        if current >= restored.accum_steps or (current and state["structure"] is None):
-            raise ValueError(
-                f"GradAccumulator.load_state_dict: current_step {current} does not fit accum_steps "
-                f"{restored.accum_steps} and the saved buffers; pass the dict returned by state_dict()"
-            )
-        if state["structure"] is not None:
-            restored._window = _Buffers.restore(state["structure"], state["buffers"], restored.accumulator_dtype)
+        _checks.state_keys(_OWNER, state, _CONFIG + _STATE)
+        try:
+            restored = GradAccumulator(**{name: state[name] for name in _CONFIG})
+        except (TypeError, ValueError) as error:
+            raise _checks.saved_argument(_OWNER, error) from None
+        current = _checks.saved_count(_OWNER, "current_step", state["current_step"], 0, restored.accum_steps)
+        skipped = _checks.saved_count(_OWNER, "skipped", state["skipped"], 0)
+        structure, buffers = state["structure"], state["buffers"]
+        if structure is None:
+            if current:
+                raise _checks.bad_checkpoint(_OWNER, "structure", "the window's (current_step > 0)", structure)
+            if buffers is not None:
+                raise _checks.bad_checkpoint(_OWNER, "buffers", "None, as structure is", buffers)
+        else:
+            restored._window = _Buffers.restore(structure, buffers, restored.accumulator_dtype)
         restored._current_step, restored._skipped = current, skipped
         self.__dict__.update(restored.__dict__)
 
@@ -270,27 +281,71 @@ class _Buffers:
 
     @classmethod
     def restore(cls, structure, buffers, accumulator_dtype):
-        if not isinstance(structure, dict) or set(structure) != {"treedef", "shapes", "dtypes", "orders"}:
-            raise ValueError("GradAccumulator.load_state_dict: 'structure' is not one saved by state_dict()")
-        dtypes = [np.dtype(d) for d in structure["dtypes"]]
-        shapes = [tuple(s) for s in structure["shapes"]]
-        orders = [tuple((int(a), bool(f)) for a, f in order) for order in structure["orders"]]
+        """The window of a saved ``structure`` and its ``buffers``, every field checked."""
+        fields = {"treedef", "shapes", "dtypes", "orders"}
+        if not isinstance(structure, dict) or set(structure) != fields:
+            raise _checks.bad_checkpoint(_OWNER, "structure", f"a dict with keys {sorted(fields)}", structure)
+        try:
+            leaves = _tree.leaf_count(structure["treedef"])
+        except ValueError as error:
+            where, expected, got = error.args
+            raise _checks.bad_checkpoint(_OWNER, f"structure['treedef']{where}", expected, got) from None
+        columns = {}
+        for field in ("shapes", "dtypes", "orders"):
+            column = structure[field]
+            if not isinstance(column, (list, tuple)) or len(column) != leaves:
+                expected = f"a list of {leaves} (one per leaf)"
+                raise _checks.bad_checkpoint(_OWNER, f"structure[{field!r}]", expected, column)
+            columns[field] = column
+        shapes = [_saved_shape(i, shape) for i, shape in enumerate(columns["shapes"])]
+        dtypes = [_saved_dtype(i, dtype) for i, dtype in enumerate(columns["dtypes"])]
+        orders = [_saved_order(i, order, shape) for i, (order, shape) in enumerate(zip(columns["orders"], shapes))]
         accumulators = [_accumulator(d, accumulator_dtype) for d in dtypes]
+        for i, (dtype, acc) in enumerate(zip(dtypes, accumulators)):
+            if dtype.kind == "c" and acc.kind != "c":
+                raise _checks.bad_checkpoint(
+                    _OWNER, f"structure['dtypes'][{i}]", f"real, as accumulator_dtype {acc} is", dtype
+                )
         window = cls(structure["treedef"], shapes, dtypes, orders, accumulators)
-        if (
-            not isinstance(buffers, (list, tuple))
-            or len(buffers) != len(shapes)
-            or any(
-                np.asarray(b).dtype != acc or np.size(b) != n
-                for b, acc, n in zip(buffers, accumulators, window.sizes)
-            )
-        ):
-            raise ValueError(
-                "GradAccumulator.load_state_dict: the saved buffers do not match the saved structure "
-                "and accumulator dtype; pass the dict returned by state_dict()"
-            )
+        if not isinstance(buffers, (list, tuple)) or len(buffers) != leaves:
+            raise _checks.bad_checkpoint(_OWNER, "buffers", f"a list of {leaves} arrays (one per leaf)", buffers)
+        for i, (buffer, acc, n) in enumerate(zip(buffers, accumulators, window.sizes.tolist())):
+            if not isinstance(buffer, np.ndarray) or buffer.dtype != acc or buffer.size != n:
+                raise _checks.bad_checkpoint(_OWNER, f"buffers[{i}]", f"a NumPy array of {n} {acc}", buffer)
         window.saved = [np.array(saved).reshape(-1) for saved in buffers]  # placed by the next micro-batch
         return window
+
+
+def _saved_shape(position, shape):
+    if isinstance(shape, (list, tuple)) and all(
+        isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) and n >= 0 for n in shape
+    ):
+        return tuple(int(n) for n in shape)
+    raise _checks.bad_checkpoint(_OWNER, f"structure['shapes'][{position}]", "a tuple of ints >= 0", shape)
+
+
+def _saved_dtype(position, dtype):
+    try:
+        found = None if dtype is None else _checks.accumulator_dtype(dtype)
+    except TypeError:
+        found = None
+    if found is None:
+        expected = f"one of {', '.join(_checks.SUPPORTED_DTYPES)}"
+        raise _checks.bad_checkpoint(_OWNER, f"structure['dtypes'][{position}]", expected, dtype)
+    return found
+
+
+def _saved_order(position, order, shape):
+    """A buffer order (`_table.traversal`) that a leaf of ``shape`` can have."""
+    valid = _table.as_traversal(order, shape)
+    if valid is None:
+        raise _checks.bad_checkpoint(
+            _OWNER,
+            f"structure['orders'][{position}]",
+            f"a traversal of shape {shape}: (axis, flipped) pairs, each axis of length other than 1 once",
+            order,
+        )
+    return valid
 
 
 def _accumulator(dtype, requested):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _backend, _batch, _checks
+from . import _backend, _batch, _checks, _tree
 from ._collective import Collective
 
 _EPS = 1e-6
@@ -134,12 +134,19 @@ class _NormClipper:
 
         Raises
         ------
-        ValueError, TypeError
-            Keys missing or unexpected, or a bad argument; the clipper is unchanged.
+        ValueError
+            Keys missing or unexpected, or a field that `state_dict` cannot have made (of
+            the wrong type, out of range, a statistic that is negative or not finite, a
+            list too long); the clipper is unchanged.
+        TypeError
+            ``state`` is not a dict.
         """
         owner = type(self).__name__
         _checks.state_keys(owner, state, self._CONFIG + self._STATISTICS)
-        restored = type(self)(**{name: state[name] for name in self._CONFIG})
+        try:
+            restored = type(self)(**{name: state[name] for name in self._CONFIG})
+        except (TypeError, ValueError) as error:
+            raise _checks.saved_argument(owner, error) from None
         restored._restore(state)
         self.__dict__.update(restored.__dict__)
 
@@ -225,8 +232,11 @@ class EMAClipper(_NormClipper):
         return threshold
 
     def _restore(self, state):
-        self._ema = float(state["ema"])
-        self._steps = _checks.count("steps", state["steps"], 0)
+        steps = _checks.saved_count("EMAClipper", "steps", state["steps"], 0)
+        ema = _checks.saved_statistic("EMAClipper", "ema", state["ema"])
+        if steps == 0 and ema != 0.0:
+            raise _checks.bad_checkpoint("EMAClipper", "ema", "0.0 while steps is 0 (nothing averaged yet)", ema)
+        self._ema, self._steps = ema, steps
 
 
 class QuantileClipper(_NormClipper):
@@ -291,9 +301,7 @@ class QuantileClipper(_NormClipper):
         return _interpolated_quantile(self._sorted, self.quantile)
 
     def _restore(self, state):
-        norms = [float(norm) for norm in state["norms"]]
-        if self.history is not None:
-            norms = norms[-self.history :]
+        norms = _checks.saved_statistics("QuantileClipper", "norms", state["norms"], self.history)
         self._norms = collections.deque(norms)
         self._sorted = sorted(norms)
 
@@ -419,10 +427,21 @@ class ZScoreClipper(_NormClipper):
         self._warmup_norms = []
 
     def _restore(self, state):
-        self._warmup_norms = [float(norm) for norm in state["warmup_norms"]]
-        started = state["mean"] is not None
-        self._mean = float(state["mean"]) if started else None
-        self._var = float(state["var"]) if started else None
+        owner = "ZScoreClipper"
+        warmup_norms = _checks.saved_statistics(owner, "warmup_norms", state["warmup_norms"], self.warmup - 1)
+        mean, var = state["mean"], state["var"]
+        if (mean is None) != (var is None):
+            raise _checks.bad_checkpoint(
+                owner, "mean and var", "both None (during the warm-up) or both numbers", (mean, var)
+            )
+        if mean is not None:
+            mean = _checks.saved_statistic(owner, "mean", mean)
+            var = _checks.saved_statistic(owner, "var", var)
+            if warmup_norms:
+                raise _checks.bad_checkpoint(
+                    owner, "warmup_norms", "empty once mean and var are set (after the warm-up)", warmup_norms
+                )
+        self._warmup_norms, self._mean, self._var = warmup_norms, mean, var
 
 
 def _reusable(grads):
@@ -487,9 +506,9 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
     its rule, the units follow ``axis`` alone: a ``(1, n)`` kernel under ``axis=0`` has
     ``n`` units.
 
-    GPU leaves: every unit of every GPU leaf is one row of a single launch plan (a
-    pass is ``ceil(units / 32) + 1`` launches); the unit norms are read on the host,
-    one synchronisation per call, and the units scaled on the device.
+    GPU leaves: every unit of every GPU leaf is one row of a single plan (one launch per
+    pass and dtype); the unit norms are read on the host, one synchronisation per call,
+    and the units scaled on the device.
 
     Examples
     --------
@@ -530,7 +549,9 @@ def adaptive_grad_clip_(grads, params, clipping=0.01, *, eps=1e-3, axis=None):
             param_units += _backend.units(param, unit_axes)
     if not grad_units:
         return 0
-    grad_units = _batch.collect(grad_units, "adaptive_grad_clip_", writes=True, cuda=True)
+    # each leaf was checked as a whole (writable, sharing no memory with another); its units
+    # are disjoint views of it, which may interleave (columns): no need to check them again
+    grad_units = _batch.collect(grad_units, "adaptive_grad_clip_", cuda=True)
     param_units = _batch.collect(param_units, "adaptive_grad_clip_", cuda=True)
     clip, coef = _unit_coefs(
         _backend.host_leaf_norms(grad_units, 2.0), _backend.host_leaf_norms(param_units, 2.0), clipping, eps
@@ -561,29 +582,37 @@ def _pair_leaves(grads, params):
 def _pair(grads, params, keys, pairs):
     if grads is None:
         return  # a parameter without a gradient
-    if isinstance(grads, dict):
-        if not isinstance(params, dict) or set(params) != set(grads):
-            raise _mismatch(keys, params, f"a dict with keys {list(grads)}")
-        for key, grad in grads.items():
-            _pair(grad, params[key], (*keys, key), pairs)
-    elif isinstance(grads, (list, tuple)):
-        if not isinstance(params, (list, tuple)) or len(params) != len(grads):
-            raise _mismatch(keys, params, f"a sequence of {len(grads)}")
-        for index, (grad, param) in enumerate(zip(grads, params)):
-            _pair(grad, param, (*keys, index), pairs)
-    else:
-        if params is None or isinstance(params, (dict, list, tuple)):
+    mine = _tree.entries(grads)
+    if mine is None:
+        if params is None or _tree.entries(params) is not None:
             raise _mismatch(keys, params, "an array")
         pairs.append((keys, params))
+        return
+    grad_keys, grad_values = mine
+    theirs = None if params is None else _tree.entries(params)
+    if grad_keys is not None:
+        if theirs is None or theirs[0] is None or set(theirs[0]) != set(grad_keys):
+            raise _mismatch(keys, params, f"a mapping with keys {grad_keys}")
+        by_key = dict(zip(*theirs))
+        for key, grad in zip(grad_keys, grad_values):
+            _pair(grad, by_key[key], (*keys, key), pairs)
+    else:
+        if theirs is None or theirs[0] is not None or len(theirs[1]) != len(grad_values):
+            raise _mismatch(keys, params, f"a sequence of {len(grad_values)}")
+        for index, (grad, param) in enumerate(zip(grad_values, theirs[1])):
+            _pair(grad, param, (*keys, index), pairs)
 
 
 def _mismatch(keys, params, expected):
-    if isinstance(params, dict):
-        found = f"a dict with keys {list(params)}"
-    elif isinstance(params, (list, tuple)):
-        found = f"a {type(params).__name__} of {len(params)}"
+    entries = None if params is None else _tree.entries(params)
+    if params is None:
+        found = "None"
+    elif entries is None:
+        found = _checks.with_article(type(params).__name__)
+    elif entries[0] is not None:
+        found = f"a mapping with keys {entries[0]}"
     else:
-        found = "None" if params is None else f"a {type(params).__name__}"
+        found = f"{_checks.with_article(type(params).__name__)} of {len(entries[1])}"
     detail = f"grads has {expected} there, params has {found}"
     return _checks.params_mismatch(_path("grads", keys), _path("params", keys), detail)
 

@@ -25,9 +25,10 @@ Accumulation is in float64. ``fastmath`` allows reassociation and contraction
 seen.
 
 Also here: ``plain_headers`` / ``array_layouts`` read many NumPy array headers in
-one call (the boundary's per-leaf cost); ``plain_list_norm`` and its siblings run a
-whole operation on a plain list of arrays in one call; and ``accumulate_table`` adds a
-table of grads into contiguous buffers (``GradAccumulator``).
+one call (the boundary's per-leaf cost); ``in_address_order`` / ``disjoint`` tell
+whether byte ranges overlap (``gradclip._overlap``); ``plain_list_norm`` and its
+siblings run a whole operation on a plain list of arrays in one call; and
+``accumulate_table`` adds a table of grads into contiguous buffers (``GradAccumulator``).
 """
 
 import functools
@@ -710,7 +711,10 @@ def fold_norms(norms, p):
 # NumPy's array object, ``PyArrayObject_fields``: after the object header (reference
 # count, type) come data (char *), nd (int), dimensions (npy_intp *), strides, base,
 # descr and flags (int).
-_TYPE, _DATA, _NDIM, _DIMS, _STRIDES, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 56, 64
+_TYPE, _DATA, _NDIM, _DIMS, _STRIDES, _BASE, _DESCR, _FLAGS = 8, 16, 24, 32, 40, 48, 56, 64
+_OWNDATA, _WRITEABLE = 0x4, 0x400
+"""NumPy's flag bits of an array that owns its memory, and of one that may be written
+(``required`` holds it when a call writes in place)."""
 
 
 @njit
@@ -744,18 +748,71 @@ def _distinct(addresses):
 
 
 @njit(cache=True)
-def _read_array_headers(object_addresses, ndarray_type):
+def in_address_order(lo, hi):
+    """Whether the non-empty byte ranges ``[lo[i], hi[i])`` come one after another in
+    address order, ascending or descending: then no two overlap. One pass; arrays
+    allocated one after another, or cut from one buffer in turn, mostly do. False says
+    nothing: ranges out of order may still be disjoint."""
+    ascending = descending = True
+    previous = -1
+    for i in range(lo.size):
+        if lo[i] >= hi[i]:
+            continue
+        if previous >= 0:
+            ascending &= lo[i] >= hi[previous]
+            descending &= hi[i] <= lo[previous]
+            if not (ascending or descending):
+                return False
+        previous = i
+    return True
+
+
+@njit(cache=True)
+def disjoint(lo, hi):
+    """Whether the byte ranges ``[lo[i], hi[i])`` are pairwise disjoint (an empty one meets
+    nothing): `in_address_order`, else by sorting both ends (O(n log n); for a few hundred
+    ranges, NumPy's sort is faster beyond)."""
+    if in_address_order(lo, hi):
+        return True
+    keep = lo < hi
+    starts, ends = np.sort(lo[keep]), np.sort(hi[keep])
+    for k in range(starts.size - 1):  # disjoint iff each end comes before the next start
+        if starts[k + 1] < ends[k]:
+            return False
+    return True
+
+
+@njit
+def _owner(obj, flags, ndarray_type):
+    """The array object that owns the memory of the array at ``obj``: itself, or its base if
+    that is a ``numpy.ndarray`` owning its memory; 0 if neither (a base of another kind)."""
+    if flags & _OWNDATA:
+        return obj
+    base = _load_int64(obj + _BASE)
+    if base != 0 and _load_int64(base + _TYPE) == ndarray_type and _load_int32(base + _FLAGS) & _OWNDATA:
+        return base
+    return 0
+
+
+@njit(cache=True)
+def _read_array_headers(object_addresses, ndarray_type, owners):
+    """``(ok, data, size, descr, flags, may_share)``; ok: every object is a distinct
+    ``numpy.ndarray``. With ``owners``, may_share is False when no two arrays can share
+    memory because no two have the same owner (`_owner`, all known); else it is True
+    (and then the memory itself decides)."""
     n = object_addresses.size
     data = np.empty(n, np.int64)
     size = np.empty(n, np.int64)
     descr = np.empty(n, np.int64)
     flags = np.empty(n, np.int64)
-    if not _distinct(object_addresses):  # the same object twice
-        return False, data, size, descr, flags
+    if not (owners or _distinct(object_addresses)):  # the same object twice
+        return False, data, size, descr, flags, True
+    owner = np.empty(n, np.int64) if owners else object_addresses  # written only with owners
+    all_own = known = True
     for i in range(n):
         obj = object_addresses[i]
         if _load_int64(obj + _TYPE) != ndarray_type:  # checked before reading further
-            return False, data, size, descr, flags
+            return False, data, size, descr, flags, True
         data[i] = _load_int64(obj + _DATA)
         dims = _load_int64(obj + _DIMS)
         size[i] = 1
@@ -763,14 +820,29 @@ def _read_array_headers(object_addresses, ndarray_type):
             size[i] *= _load_int64(dims + 8 * axis)
         descr[i] = _load_int64(obj + _DESCR)
         flags[i] = _load_int32(obj + _FLAGS)
-    return True, data, size, descr, flags
+        if owners and not flags[i] & _OWNDATA:
+            if all_own:  # the first view: the arrays before it are their own owners
+                owner[:i] = object_addresses[:i]
+                all_own = False
+            owner[i] = _owner(obj, flags[i], ndarray_type)
+            known &= owner[i] != 0
+        elif owners and not all_own:
+            owner[i] = obj
+    if not owners:
+        return True, data, size, descr, flags, True
+    if all_own:  # distinct objects owning their memory share none
+        return _distinct(object_addresses), data, size, descr, flags, False
+    if known and _distinct(owner):  # distinct owners: distinct objects too
+        return True, data, size, descr, flags, False
+    return _distinct(object_addresses), data, size, descr, flags, True
 
 
 def plain_headers(objects, required, any_of):
     """What a kernel table needs of distinct ``numpy.ndarray``s with every ``required``
-    flag bit and one of ``any_of``: ``(data, size, descr, one_dtype, none_empty, total)``
-    (data addresses, sizes and dtype object addresses per array; whether they share one
-    dtype, whether none is empty, the number of elements), or None.
+    flag bit and one of ``any_of``: ``(data, size, descr, one_dtype, none_empty, total,
+    may_share)`` (data addresses, sizes and dtype object addresses per array; whether they
+    share one dtype, whether none is empty, the number of elements; with the writeable
+    flag ``required``, whether two may share memory, see `_read_array_headers`), or None.
 
     None unless every object is an exact ``numpy.ndarray`` with those flags and none
     appears twice. One call for all of them, reading each array object's fields
@@ -786,14 +858,16 @@ def plain_headers(objects, required, any_of):
 
 @njit(cache=True)
 def _plain_headers(object_addresses, ndarray_type, required, any_of):
-    ok, data, size, descr, flags = _read_array_headers(object_addresses, ndarray_type)
+    ok, data, size, descr, flags, may_share = _read_array_headers(
+        object_addresses, ndarray_type, required & _WRITEABLE != 0
+    )
     one_dtype, none_empty, total = True, True, 0
     for i in range(size.size if ok else 0):
         ok &= (flags[i] & required) == required and (flags[i] & any_of) != 0
         one_dtype &= descr[i] == descr[0]
         none_empty &= size[i] > 0
         total += size[i]
-    return ok, data, size, descr, one_dtype, none_empty, total
+    return ok, data, size, descr, one_dtype, none_empty, total, may_share
 
 
 # ------------------------------------------------------- a plain list in one call
@@ -814,10 +888,13 @@ RAN, DECLINED, OUT_OF_RANGE = range(3)
 
 
 @njit(inline="always")
-def _plain_table(plain):
-    """``(status, addr, count, step, seg_leaf)``: the list's table, or why not."""
+def _plain_table(plain, itemsize):
+    """``(status, addr, count, step, seg_leaf)``: the list's table, or why not. A call
+    that writes declines arrays that may share memory (see `_read_array_headers` and
+    `in_address_order`; ``itemsize``: the dtype's); the general path then decides, and
+    names them."""
     list_address, ndarray_type, dtype_address, required, any_of, lowest_size, size_limit = plain
-    ok, addr, count, descr, one_dtype, _, size = _plain_headers(
+    ok, addr, count, descr, one_dtype, _, size, may_share = _plain_headers(
         _list_items(list_address), ndarray_type, required, any_of
     )
     status = RAN
@@ -825,12 +902,14 @@ def _plain_table(plain):
         status = DECLINED
     elif not lowest_size <= size < size_limit:
         status = OUT_OF_RANGE
+    elif required & _WRITEABLE and may_share and not in_address_order(addr, addr + count * itemsize):
+        status = DECLINED  # arrays that may share memory: the general path decides
     return status, addr, count, np.ones(count.size, np.int64), np.arange(count.size)
 
 
 @njit(inline="always")
 def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
-    status, addr, count, step, seg_leaf = _plain_table(plain)
+    status, addr, count, step, seg_leaf = _plain_table(plain, witness.itemsize)
     if status != RAN:
         return status, 0.0
     n = count.size
@@ -847,7 +926,7 @@ def _norm_and_clip(reduce, update, plain, max_norm, eps, tiny, wide, witness):
 
 @njit(inline="always")
 def _count_nonfinite(reduce, plain, witness):
-    status, addr, count, step, seg_leaf = _plain_table(plain)
+    status, addr, count, step, seg_leaf = _plain_table(plain, witness.itemsize)
     counts = np.zeros(count.size)
     if status == RAN:
         reduce(np.int64(NONFINITE), addr, count, step, seg_leaf, 2.0, counts, counts, witness)
@@ -856,7 +935,7 @@ def _count_nonfinite(reduce, plain, witness):
 
 @njit(inline="always")
 def _update_in_place(update, plain, op, bound, witness):
-    status, addr, count, step, seg_leaf = _plain_table(plain)
+    status, addr, count, step, seg_leaf = _plain_table(plain, witness.itemsize)
     changed = np.int64(0)
     if status == RAN:
         changed = update(op, addr, count, step, seg_leaf, np.zeros(0), bound, witness)
@@ -914,8 +993,9 @@ def plain_list_norm(objects, dtype, required, any_of, size_limit, max_norm, eps,
     """The total 2-norm of a list of ``numpy.ndarray``s in one call, every leaf scaled in
     place by ``max_norm / (total + eps)`` when ``total > max_norm``; or None, with
     nothing written, unless every object is a distinct array of ``dtype`` with the
-    `plain_headers` flags, they hold fewer than ``size_limit`` elements, and no leaf's
-    norm needs redoing (`norms_from_sums`).
+    `plain_headers` flags, they hold fewer than ``size_limit`` elements, no leaf's norm
+    needs redoing (`norms_from_sums`), and (with the writeable flag ``required``) no two
+    arrays share memory.
 
     ``wide``: ``dtype`` is float64-based; ``witness``: its kernel element type.
     """
@@ -1138,11 +1218,18 @@ def _header_layout_confirmed():
     probes = [np.empty((3, 5), np.float32), np.empty((4, 2), order="F"), np.zeros((6, 7))[::2, ::-3], np.array(1.5)]
     probes[2].flags.writeable = False
     addresses = np.array([id(a) for a in probes], dtype=np.int64)
-    ok, data, size, descr, flags = _read_array_headers(addresses, id(np.ndarray))
+    ok, data, size, descr, flags, _ = _read_array_headers(addresses, id(np.ndarray), False)
     headers_match = ok and all(
         (data[i], size[i], descr[i], flags[i]) == (a.ctypes.data, a.size, id(a.dtype), a.flags.num)
         for i, a in enumerate(probes)
     )
     ok, layouts = _read_layouts(addresses, id(np.ndarray))
     expected = [x for a in probes for x in (a.ndim, id(a.dtype), *a.shape, *a.strides)]
-    return headers_match and ok and layouts.tolist() == expected
+    if not (headers_match and ok and layouts.tolist() == expected):
+        return False
+    owner, other = np.empty(4), np.empty(3)  # the base field, read for `_owner`
+    owners = [([owner, other], False), ([owner, owner[1:]], True), ([owner[1:], other[::2]], False)]
+    return all(
+        _read_array_headers(np.array([id(a) for a in arrays], dtype=np.int64), id(np.ndarray), True)[-1] == shared
+        for arrays, shared in owners
+    )

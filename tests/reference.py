@@ -256,3 +256,26 @@ def ref_zero_nonfinite(x) -> np.ndarray:
     out = np.array(a, copy=True)
     out[ref_nonfinite_mask(a)] = 0
     return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def ref_bytes(address, shape, strides, itemsize) -> set[int]:
+    """Every byte address a layout covers, one element at a time."""
+    covered = set()
+    for index in np.ndindex(*shape):
+        start = address + sum(i * s for i, s in zip(index, strides))
+        covered.update(range(start, start + itemsize))
+    return covered
+
+
+def ref_layout(a) -> tuple:
+    """``(address, shape, strides, itemsize)`` of a NumPy array."""
+    return a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize
+
+
+def ref_share_memory(a, b) -> bool:
+    """Whether two arrays (or layouts) have a byte in common, by enumerating both."""
+    layouts = [x if isinstance(x, tuple) else ref_layout(x) for x in (a, b)]
+    return not ref_bytes(*layouts[0]).isdisjoint(ref_bytes(*layouts[1]))

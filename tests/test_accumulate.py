@@ -3,6 +3,7 @@ layout, structure checks, non-finite micro-batches, buffer reuse, result lifetim
 checkpoints, and the serial and parallel kernels agreeing bit for bit."""
 
 import pickle
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 import pytest
@@ -186,6 +187,11 @@ def test_bad_arguments_and_leaves():
         gc.GradAccumulator(2.0)
     with raises_with(TypeError, "accumulator_dtype", "int32"):
         gc.GradAccumulator(2, accumulator_dtype=np.int32)
+    for flag in ("average", "skip_nonfinite", "copy_result"):
+        for value in ("no", 0, None):  # bool("no") is True: a flag must be a bool
+            with raises_with(TypeError, f"{flag} must be True or False", repr(value)):
+                gc.GradAccumulator(2, **{flag: value})
+    assert gc.GradAccumulator(2, average=np.bool_(False)).average is False
     acc = gc.GradAccumulator(2, accumulator_dtype=np.float64)
     with raises_with(TypeError, "grads[1]", "complex64", "complex accumulator_dtype"):
         acc.step([np.ones(2), np.ones(2, np.complex64)])
@@ -307,6 +313,132 @@ def test_load_state_dict_rejects_a_bad_state_and_keeps_its_own(rng):
         acc.load_state_dict({**state, "current_step": 3})
     assert acc.current_step == 1
     assert_same_bits(acc.step([np.ones(3)]) or acc.step([np.ones(3)]), [np.ones(3)])
+
+
+class Named(dict):
+    """A dict subclass whose constructor takes something else first."""
+
+    def __init__(self, name, *args):
+        super().__init__(*args)
+        self.name = name
+
+
+def _window(rng):
+    """An accumulator in the middle of a window over a small tree, and a micro-batch for it."""
+    acc = gc.GradAccumulator(3, skip_nonfinite=True)
+    batch = {"w": random_values((4, 5), np.float32, rng).T, "b": [None, random_values(3, np.complex64, rng)]}
+    acc.step(batch)
+    return acc, batch
+
+
+def _structure(**changed):
+    return lambda state: {**state, "structure": {**state["structure"], **changed}}
+
+
+def _treedef(change):
+    return lambda state: _structure(treedef=change(state["structure"]["treedef"]))(state)
+
+
+# name -> (what to damage in a state of `_window`, the field named in the message)
+CORRUPT = {
+    "accum_steps 0": (lambda s: {**s, "accum_steps": 0}, "accum_steps"),
+    "accum_steps str": (lambda s: {**s, "accum_steps": "3"}, "accum_steps"),
+    "accum_steps float": (lambda s: {**s, "accum_steps": 3.0}, "accum_steps"),
+    "average str": (lambda s: {**s, "average": "no"}, "average"),
+    "average int": (lambda s: {**s, "average": 0}, "average"),
+    "skip_nonfinite None": (lambda s: {**s, "skip_nonfinite": None}, "skip_nonfinite"),
+    "copy_result str": (lambda s: {**s, "copy_result": "False"}, "copy_result"),
+    "accumulator_dtype unknown": (lambda s: {**s, "accumulator_dtype": "foo"}, "accumulator_dtype"),
+    "accumulator_dtype int": (lambda s: {**s, "accumulator_dtype": np.int32}, "accumulator_dtype"),
+    "accumulator_dtype real for complex grads": (lambda s: {**s, "accumulator_dtype": np.float64}, "structure['dtypes'][1]"),
+    "current_step negative": (lambda s: {**s, "current_step": -1}, "current_step"),
+    "current_step = accum_steps": (lambda s: {**s, "current_step": 3}, "current_step"),
+    "current_step float": (lambda s: {**s, "current_step": 1.0}, "current_step"),
+    "current_step bool": (lambda s: {**s, "current_step": True}, "current_step"),
+    "current_step without a structure": (lambda s: {**s, "structure": None, "buffers": None}, "structure"),
+    "skipped negative": (lambda s: {**s, "skipped": -1}, "skipped"),
+    "skipped str": (lambda s: {**s, "skipped": "0"}, "skipped"),
+    "buffers without a structure": (lambda s: {**s, "current_step": 0, "structure": None}, "buffers"),
+    "structure not a dict": (lambda s: {**s, "structure": [1, 2]}, "structure"),
+    "structure keys": (lambda s: {**s, "structure": {**s["structure"], "extra": 1}}, "structure"),
+    "treedef not one": (_treedef(lambda t: "tree"), "structure['treedef']"),
+    "treedef kind": (_treedef(lambda t: (set, t[1], t[2])), "structure['treedef'][0]"),
+    "treedef kind not a type": (_treedef(lambda t: ("dict", t[1], t[2])), "structure['treedef'][0]"),
+    "treedef keys of a dict": (_treedef(lambda t: (dict, None, t[2])), "structure['treedef'][1]"),
+    "treedef keys too few": (_treedef(lambda t: (dict, t[1][:1], t[2])), "structure['treedef'][1]"),
+    "treedef keys repeated": (_treedef(lambda t: (dict, [t[1][0]] * 2, t[2])), "structure['treedef'][1]"),
+    "treedef keys of a list": (_treedef(lambda t: (dict, t[1], [t[2][0], (list, ["x", "y"], t[2][1][2])])),
+                               "structure['treedef'][2][1][1]"),
+    "treedef children": (_treedef(lambda t: (dict, t[1], tuple(t[2]))), "structure['treedef'][2]"),
+    "treedef one leaf more": (_treedef(lambda t: (dict, t[1], [t[2][0], (list, None, [*t[2][1][2], t[2][0]])])),
+                              "structure['shapes']"),
+    "treedef a leaf less": (_treedef(lambda t: (dict, t[1], [t[2][0], (list, None, t[2][1][2][:1])])),
+                            "structure['shapes']"),
+    "shapes length": (lambda s: _structure(shapes=s["structure"]["shapes"][:1])(s), "structure['shapes']"),
+    "shape negative": (_structure(shapes=[(5, -4), (3,)]), "structure['shapes'][0]"),
+    "shape float": (_structure(shapes=[(5, 4.0), (3,)]), "structure['shapes'][0]"),
+    "shape str": (_structure(shapes=["5x4", (3,)]), "structure['shapes'][0]"),
+    "shape of other buffers": (_structure(shapes=[(4, 4), (3,)], orders=[((0, False), (1, False)), ((0, False),)]), "buffers[0]"),
+    "dtype unknown": (lambda s: _structure(dtypes=[s["structure"]["dtypes"][0], "foo"])(s), "structure['dtypes'][1]"),
+    "dtype int": (lambda s: _structure(dtypes=[np.dtype(np.int64), s["structure"]["dtypes"][1]])(s), "structure['dtypes'][0]"),
+    "dtype None": (lambda s: _structure(dtypes=[None, s["structure"]["dtypes"][1]])(s), "structure['dtypes'][0]"),
+    "dtype of other buffers": (lambda s: _structure(dtypes=[np.dtype(np.float64), s["structure"]["dtypes"][1]])(s), "buffers[0]"),
+    "order with an axis twice": (_structure(orders=[((0, False), (0, False)), ((0, False),)]), "structure['orders'][0]"),
+    "order without an axis": (_structure(orders=[((0, False),), ((0, False),)]), "structure['orders'][0]"),
+    "order out of range": (_structure(orders=[((0, False), (2, False)), ((0, False),)]), "structure['orders'][0]"),
+    "order flipped str": (_structure(orders=[((0, "no"), (1, False)), ((0, False),)]), "structure['orders'][0]"),
+    "order not pairs": (_structure(orders=[(0, 1), ((0, False),)]), "structure['orders'][0]"),
+    "orders length": (_structure(orders=[((0, False), (1, False))]), "structure['orders']"),
+    "buffers length": (lambda s: {**s, "buffers": s["buffers"][:1]}, "buffers"),
+    "buffer dtype": (lambda s: {**s, "buffers": [s["buffers"][0].astype(np.float64), s["buffers"][1]]}, "buffers[0]"),
+    "buffer size": (lambda s: {**s, "buffers": [s["buffers"][0][:-1], s["buffers"][1]]}, "buffers[0]"),
+    "buffer a list": (lambda s: {**s, "buffers": [s["buffers"][0].tolist(), s["buffers"][1]]}, "buffers[0]"),
+    "buffers None": (lambda s: {**s, "buffers": None}, "buffers"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_corrupted_checkpoint_is_refused_and_the_accumulator_is_unchanged(case, rng):
+    acc, batch = _window(rng)
+    twin, _ = _window(np.random.default_rng(0))
+    twin.load_state_dict(acc.state_dict())
+    state = acc.state_dict()
+    damage, field = CORRUPT[case]
+    with raises_with(ValueError, "GradAccumulator.load_state_dict", field, "state_dict()", "unchanged"):
+        acc.load_state_dict(damage(pickle.loads(pickle.dumps(state))))
+    after = acc.state_dict()
+    assert {k: v for k, v in after.items() if k != "buffers"} == {k: v for k, v in state.items() if k != "buffers"}
+    for got, saved in zip(after["buffers"], state["buffers"]):
+        assert_same_bits(got, saved)
+    for _ in range(2):  # the window carries on as it would have
+        got, expected = acc.step(batch), twin.step(batch)
+    for g, e in zip((got["w"], got["b"][1]), (expected["w"], expected["b"][1])):
+        assert_same_bits(g, e)
+
+
+def test_a_valid_checkpoint_of_any_container_round_trips(rng):
+    """Containers rebuilt from a copy (a dict subclass with its own constructor, a
+    defaultdict) pickle with the structure and come back as they went in."""
+    def batch():
+        def v(shape):
+            return random_values(shape, np.float64, rng)
+
+        return Named("net", {"w": v(3), "d": defaultdict(list, {"b": v(2)}), "o": OrderedDict(z=v(()))})
+
+    batches = [batch() for _ in range(4)]
+    straight = run(gc.GradAccumulator(4), batches)[0]
+    first = gc.GradAccumulator(4)
+    run(first, batches[:2])
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    resumed = gc.GradAccumulator(1)
+    resumed.load_state_dict(state)
+    result = run(resumed, batches[2:])[0]
+    assert type(result) is Named and result.name == "net" and list(result) == ["w", "d", "o"]
+    assert type(result["d"]) is defaultdict and result["d"].default_factory is list
+    assert type(result["o"]) is OrderedDict
+    assert_same_bits(result["w"], straight["w"])
+    assert_same_bits(result["d"]["b"], straight["d"]["b"])
+    assert_same_bits(result["o"]["z"], straight["o"]["z"])
 
 
 # --------------------------------------------------------------------------- kernels

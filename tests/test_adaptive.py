@@ -365,6 +365,70 @@ def test_bad_state_dict_leaves_the_clipper_unchanged(kind):
     assert clipper.state_dict() == state
 
 
+# Corrupted checkpoints (SPEC §10): every field of every clipper's state, each kind of
+# damage: (class, the constructor's arguments, norms seen, field, bad values).
+CORRUPT = [
+    ("ema", {"warmup": 2}, [2.0, 3.0, 4.0], "alpha", ["2", math.nan, -1.0, 0.0, True, None]),
+    ("ema", {"warmup": 2}, [2.0, 3.0, 4.0], "beta", [1.5, -0.1, math.nan, "0.9", [0.9]]),
+    ("ema", {"warmup": 2}, [2.0, 3.0, 4.0], "warmup", [0, -3, 2.5, "25", True, None]),
+    ("ema", {"warmup": 2}, [2.0, 3.0, 4.0], "ema", [-1.0, math.nan, math.inf, -math.inf, "2", None, True, [1.0], 10**400]),
+    ("ema", {"warmup": 2}, [2.0, 3.0, 4.0], "steps", [-1, 2.5, "3", True, None, math.nan]),
+    ("ema", {"warmup": 2}, [], "ema", [1.0]),  # steps 0: nothing averaged yet
+    ("quantile", {"history": 3}, [2.0, 3.0], "quantile", [1.5, -0.5, math.nan, "0.1", True]),
+    ("quantile", {"history": 3}, [2.0, 3.0], "history", [0, -1, 2.5, "3", True]),
+    ("quantile", {"history": 3}, [2.0, 3.0], "norms",
+     [[1.0, math.nan], [1.0, -1.0], [math.inf], [1.0] * 4, ["1.0"], [True], "1,2", None, 3.0, {"a": 1.0}]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "alpha", [1.0, -0.1, "0.97", math.nan]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "z_thresh", [0.0, -1.0, math.nan, "2.5"]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "warmup", [0, 1.5, "3", False]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "max_norm", [-1.0, math.nan, "1"]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "eps", [0.0, -1e-6, math.nan, "1e-6"]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "warmup_norms", [[math.nan], [-1.0], [1.0, 2.0, 3.0], "x", ["1"], None]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0], "mean", [1.0, -2.0]),  # var is None during the warm-up
+    ("zscore", {"warmup": 3}, [2.0, 3.0, 4.0, 5.0], "mean", [-2.0, math.nan, math.inf, "2", True, None]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0, 4.0, 5.0], "var", [-1.0, math.nan, math.inf, "1", None]),
+    ("zscore", {"warmup": 3}, [2.0, 3.0, 4.0, 5.0], "warmup_norms", [[2.0]]),  # the warm-up is over
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, norms, field, bad",
+    [pytest.param(*case[:4], bad, id=f"{case[0]}-{case[3]}-{bad!r}"[:60]) for case in CORRUPT for bad in case[4]],
+)
+def test_a_corrupted_checkpoint_is_refused_and_the_clipper_is_unchanged(kind, kwargs, norms, field, bad):
+    cls = CLIPPERS[kind][0]
+    clipper, twin = cls(**kwargs), cls(**kwargs)
+    for norm in norms:
+        clipper(np.array([norm]))
+        twin(np.array([norm]))
+    state = clipper.state_dict()
+    with raises_with(ValueError, f"{cls.__name__}.load_state_dict", field, "state_dict()", "unchanged"):
+        clipper.load_state_dict({**state, field: bad})
+    assert clipper.state_dict() == state
+    for norm in (6.0, 0.5, 30.0):  # and it carries on as if nothing happened
+        assert repr(clipper(np.array([norm]))) == repr(twin(np.array([norm])))
+
+
+@pytest.mark.parametrize("kind, kwargs, norms", [(k, a, n) for k, a, n, *_ in CORRUPT[::3]])
+def test_a_checkpoint_of_numpy_numbers_round_trips(kind, kwargs, norms):
+    """Numbers as NumPy scalars (e.g. read back from an .npz) are as good as Python's."""
+    cls = CLIPPERS[kind][0]
+    clipper = cls(**kwargs)
+    for norm in norms:
+        clipper(np.array([norm]))
+    state = clipper.state_dict()
+    as_numpy = {
+        key: [np.float64(x) for x in value] if isinstance(value, list)
+        else np.int64(value) if isinstance(value, int) and not isinstance(value, bool)
+        else np.float64(value) if isinstance(value, float) else value
+        for key, value in state.items()
+    }  # fmt: skip
+    restored = cls()
+    restored.load_state_dict(as_numpy)
+    assert restored.state_dict() == state
+    assert repr(restored(np.array([9.0]))) == repr(clipper(np.array([9.0])))
+
+
 # --------------------------------------------------------------------------- errors
 
 BAD_ARGS = [

@@ -350,6 +350,24 @@ def test_declared_streams_of_foreign_producers_are_used(rng):
     assert_norm_close(host(gc.grad_norm([foreign])), ref_norm([device.copy_to_host()]))
 
 
+def test_in_place_functions_refuse_gpu_leaves_that_share_memory(rng):
+    base = to_device(rng.standard_normal(20).astype(np.float32))
+    before = to_host(base)
+    prefix, interleaved = base[:10], base[5:15]
+    assert_norm_close(host(gc.grad_norm([prefix, interleaved])), ref_norm([before[:10], before[5:15]]))  # reading is fine
+    for call in (
+        lambda: gc.clip_grad_norm_([prefix, interleaved], 1e-3),  # a plan made by the read above: not reused for a write
+        lambda: gc.clip_grad_value_({"a": prefix, "b": interleaved}, 0.1),
+        lambda: gc.zero_nonfinite_([interleaved, prefix]),
+    ):
+        with raises_with(ValueError, "share memory", "grads"):
+            call()
+    assert_same_bits(to_host(base), before)
+    evens, odds = base[::2], base[1::2]  # interleaved without a common element
+    gc.clip_grad_norm_([evens, odds], 1e-3)
+    assert_norm_close(host(gc.grad_norm([evens, odds])), 1e-3, rtol=1e-5)
+
+
 def test_threads_sharing_the_same_leaves_get_the_same_results(rng):
     import threading
 

@@ -9,7 +9,7 @@ import pytest
 
 import gradclip as gc
 from helpers import raises_with
-from reference import ref_norm
+from reference import ref_coef, ref_norm, ref_scale
 
 
 class DLPackOnly:
@@ -63,3 +63,51 @@ def test_import_gradclip_imports_no_framework():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- meaning (SPEC §10)
+
+ALL_CALLS = {
+    "grad_norm": lambda g: gc.grad_norm(g),
+    "layer_norms": lambda g: gc.layer_norms(g),
+    "all_finite": lambda g: gc.all_finite(g),
+    "clip_grad_norm_": lambda g: gc.clip_grad_norm_(g, 0.01),
+    "clip_grad_norm": lambda g: gc.clip_grad_norm(g, 0.01),
+    "clip_grad_value_": lambda g: gc.clip_grad_value_(g, 0.01),
+    "clip_grad_value": lambda g: gc.clip_grad_value(g, 0.01),
+    "zero_nonfinite_": lambda g: gc.zero_nonfinite_(g),
+    "norm_penalty": lambda g: gc.norm_penalty(g, 0.1, 1.0),
+    "GradAccumulator.step": lambda g: gc.GradAccumulator(1).step(g),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_CALLS))
+def test_masked_arrays_are_refused_naming_the_leaf(name):
+    """The norm of a masked array would count its masked values, and a result would drop
+    the mask: gradclip refuses it rather than ignore what the mask means."""
+    valid = np.linspace(-50.0, 50.0, 6)
+    masked = np.ma.masked_array([1.0, 1e6, 3.0], mask=[False, True, False])
+    frozen = (valid.copy(), masked.data.copy())
+    with raises_with(TypeError, "grads['m'] is a numpy.ma.MaskedArray", ".filled(0)", ".data"):
+        ALL_CALLS[name]({"v": valid, "m": masked})
+    assert np.array_equal(valid, frozen[0]) and np.array_equal(masked.data, frozen[1])
+    assert masked.mask.tolist() == [False, True, False]
+
+
+def test_matrix_leaves_come_back_as_matrices():
+    """np.matrix decides what * means: an ndarray in its place would change the caller's
+    arithmetic. It holds nothing but its type, so results are matrix views of new arrays."""
+    m = np.array([[3.0, 4.0], [0.0, 0.0]]).view(np.matrix)  # np.matrix() warns of its deprecation
+    before = np.array(m)
+    clipped, total = gc.clip_grad_norm({"w": m}, 1.0, eps=0.0)
+    assert total == 5.0 and type(clipped["w"]) is np.matrix
+    assert np.array_equal(np.asarray(clipped["w"]), ref_scale(before, ref_coef(1.0, 5.0, 0.0)))
+    assert type(gc.clip_grad_value([m], 1.0)[0]) is np.matrix
+    assert type(gc.norm_penalty([m], 1.0, 1.0)[1][0]) is np.matrix
+    acc = gc.GradAccumulator(2)
+    acc.step([m])
+    mean = acc.step([m])[0]
+    assert type(mean) is np.matrix and np.array_equal(np.asarray(mean), before)
+    assert np.array_equal(np.asarray(m), before)  # out of place: untouched
+    gc.clip_grad_norm_(m, 1.0, eps=0.0)  # in place: into the matrix's memory
+    assert np.array_equal(np.asarray(m), ref_scale(before, ref_coef(1.0, 5.0, 0.0)))

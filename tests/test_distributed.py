@@ -228,6 +228,10 @@ def test_replicated_must_name_leaves_of_grads(rng):
     with raises_with(ValueError, "replicated[0]", "not a leaf of grads"):
         gc.grad_norm(g, replicated=[g[0].copy()])
     assert gc.grad_norm(g, replicated=g) == gc.grad_norm(g)  # without a reducer: one rank
+    looped = {"w": g[0]}
+    looped["again"] = looped
+    with raises_with(ValueError, "replicated['again'] is a container that holds itself"):
+        gc.grad_norm(g, replicated=looped)
 
 
 def test_a_reducer_must_have_the_protocol():

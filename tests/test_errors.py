@@ -5,12 +5,14 @@ before any write."""
 
 import math
 import re
+from decimal import Decimal
 
 import numpy as np
 import pytest
 
 import gradclip as gc
-from helpers import Frozen, raises_with, tree_leaves
+from helpers import Frozen, assert_same_bits, raises_with, tree_leaves
+from reference import ref_scale
 
 FUNCS = {
     "grad_norm": lambda g: gc.grad_norm(g),
@@ -74,7 +76,8 @@ def _call_and_check(name, place, bad, exc, *fragments, regex=()):
 @places
 @pytest.mark.parametrize("bad", ["abc", 3, object()], ids=["str", "int", "object"])
 def test_non_array_leaf(name, place, bad):
-    _call_and_check(name, place, bad, TypeError, type(bad).__name__)
+    article = {"str": "a str", "int": "an int", "object": "an object"}[type(bad).__name__]
+    _call_and_check(name, place, bad, TypeError, f"is {article};")
 
 
 UNSUPPORTED = [np.int64, np.int32, np.uint16, np.bool_, np.object_]
@@ -168,6 +171,43 @@ def test_bad_argument(arg, name, value):
         ARGUMENT_CALLS[arg][name](grads, value)
     frozen.check()
     _assert_suggested_functions_exist(str(info.value))
+
+
+ARGUMENT_CALLS["total_norm"] = {"clip_grads_with_norm_": lambda g, v: gc.clip_grads_with_norm_(g, 0.01, v)}
+WRONG_TYPES = ["2", True, np.bool_(True), Decimal("2"), None, [2.0], np.array([2.0]), 2 + 0j]
+
+
+@pytest.mark.parametrize("arg", list(ARGUMENT_CALLS))
+@pytest.mark.parametrize("value", WRONG_TYPES, ids=repr)
+def test_arguments_of_the_wrong_type_are_refused_alike(arg, value):
+    """A number is a real number, not a string, a bool, a Decimal or a one-element list, for
+    every argument (total_norm also takes a 0-d array, as norm functions return)."""
+    grads = [np.linspace(-50, 50, 9).astype(np.float32), {"b": np.linspace(1, 9, 5)}]
+    frozen = Frozen(*tree_leaves(grads))
+    for name, call in ARGUMENT_CALLS[arg].items():
+        with raises_with(TypeError, f"{arg} must be a real number", type(value).__name__):
+            call(grads, value)
+        frozen.check()
+
+
+@pytest.mark.parametrize("arg", list(ARGUMENT_CALLS))
+def test_an_int_beyond_float64_is_refused(arg):
+    """Python and NumPy refuse to round 10**400 to a float (OverflowError); so does gradclip,
+    rather than reading it as inf."""
+    grads = [np.linspace(-50, 50, 9).astype(np.float32)]
+    frozen = Frozen(*grads)
+    for name, call in ARGUMENT_CALLS[arg].items():
+        with raises_with(ValueError, f"{arg} is an int of 401 digits", "float64 range", "math.inf"):
+            call(grads, 10**400)
+        frozen.check()
+
+
+@pytest.mark.parametrize("total", [np.float32(4.0), np.array(4.0), np.array(4, dtype=np.int64), 4])
+def test_total_norm_takes_numbers_and_0d_arrays(total):
+    g = np.linspace(-1.0, 1.0, 5)
+    before = g.copy()
+    gc.clip_grads_with_norm_(g, 1.0, total, eps=0.0)
+    assert_same_bits(g, ref_scale(before, 0.25))
 
 
 @pytest.mark.parametrize("arg", ["max_norm", "clip_value"])

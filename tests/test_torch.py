@@ -112,13 +112,48 @@ def test_clip_grad_value_in_place_writes_the_tensor(dtype, layout, gen):
     assert_same_bits(to_numpy(base), _expected_base(before, layout, ref_clamp(view_before, 0.5)), what="base tensor")
 
 
-def test_parameter_that_requires_grad_is_written_through_detach(gen):
+IN_PLACE = {
+    "clip_grad_norm_": lambda g: gc.clip_grad_norm_(g, max_norm=0.5),
+    "clip_grad_norm_per_layer_": lambda g: gc.clip_grad_norm_per_layer_(g, max_norm=0.5),
+    "clip_grads_with_norm_": lambda g: gc.clip_grads_with_norm_(g, max_norm=0.5, total_norm=4.0),
+    "clip_grad_value_": lambda g: gc.clip_grad_value_(g, 0.1),
+    "zero_nonfinite_": lambda g: gc.zero_nonfinite_(g),
+    "EMAClipper": lambda g: gc.EMAClipper(warmup=1)(g),
+    "adaptive_grad_clip_": lambda g: gc.adaptive_grad_clip_(g, {"b": torch.ones(3), "w": torch.ones(3, 4)}),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_in_place_refuses_a_tensor_that_requires_grad(name, gen):
+    """As torch refuses in-place writes into a leaf that requires grad: they would bypass
+    autograd (its version counter would not move, and backward would use the new values)."""
+    bias = random_tensor((3,), torch.float32, gen)
+    param = torch.nn.Parameter(random_tensor((3, 4), torch.float32, gen) * 10)
+    param[0, 0].data.fill_(math.nan)
+    bias_before, param_before = to_numpy(bias), to_numpy(param)
+    with raises_with(ValueError, "grads['w']", "requires grad", name, ".grad", "torch.no_grad()", ".detach()"):
+        IN_PLACE[name]({"b": bias, "w": param})
+    assert_same_bits(to_numpy(bias), bias_before, what="the other leaf (untouched)")
+    assert_same_bits(to_numpy(param), param_before, what="the parameter (untouched)")
+    assert param._version == 0
+
+
+def test_tensor_that_requires_grad_is_read_and_written_as_torch_allows(gen):
     param = torch.nn.Parameter(random_tensor((3, 4), torch.float32, gen))
     param.grad = torch.ones(3, 4)
     before = to_numpy(param)
-    total = gc.clip_grad_norm_({"w": param}, max_norm=0.5)
+    assert_norm_close(gc.grad_norm({"w": param}), ref_norm([before]))  # reading is fine
+    assert gc.layer_norms([param]).shape == (1,)
+    clipped, total = gc.clip_grad_norm({"w": param}, max_norm=0.5)  # so is out of place
+    assert_same_bits(to_numpy(clipped["w"]), ref_scale(before, ref_coef(0.5, total)))
+    assert_same_bits(to_numpy(param), before, what="parameter (out of place: untouched)")
+    with torch.no_grad():  # where torch allows in-place writes, as optimisers make them
+        total = gc.clip_grad_norm_({"w": param}, max_norm=0.5)
     assert param.requires_grad and param.is_leaf
-    assert_same_bits(to_numpy(param), ref_scale(before, ref_coef(0.5, total)), what="parameter")
+    after = ref_scale(before, ref_coef(0.5, total))
+    assert_same_bits(to_numpy(param), after, what="parameter")
+    total = gc.clip_grad_norm_([param.detach()], max_norm=0.25)  # the same memory, outside autograd
+    assert_same_bits(to_numpy(param), ref_scale(after, ref_coef(0.25, total)), what="parameter through detach")
     assert_same_bits(to_numpy(param.grad), np.ones((3, 4), np.float32), what="its .grad (untouched)")
 
 
@@ -438,11 +473,29 @@ def test_accumulation_returns_tensors():
     assert summed[0].tolist() == [3.0, 3.0, 3.0] and summed[1].tolist() == [6.0, 6.0]
 
 
-def test_misaligned_and_sparse_tensors_are_refused_naming_the_leaf():
+def test_misaligned_tensors_are_refused_naming_the_leaf():
     misaligned = torch.frombuffer(bytearray(40), dtype=torch.float32, offset=2, count=8)
     other = torch.full((3,), 10.0)
     with raises_with(ValueError, "grads[1]", "not aligned"):
         gc.clip_grad_norm_([other, misaligned], 1.0)
     assert other.tolist() == [10.0, 10.0, 10.0]
-    with raises_with(TypeError, "grads[0]", "Sparse"):
-        gc.grad_norm([torch.ones(3).to_sparse(), other])
+
+
+WITHOUT_MEMORY = {
+    "sparse_coo": (lambda: torch.ones(3).to_sparse(), ("sparse torch tensor", "torch.sparse_coo", ".to_dense()")),
+    "sparse_csr": (lambda: torch.eye(3).to_sparse_csr(), ("sparse torch tensor", "torch.sparse_csr", ".to_dense()")),
+    "meta": (lambda: torch.ones(3, device="meta"), ("torch tensor on the meta device",)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
+@pytest.mark.parametrize("kind", list(WITHOUT_MEMORY))
+@pytest.mark.parametrize("call", ["grad_norm", "clip_grad_norm_", "clip_grad_value"])
+def test_tensors_without_dense_memory_are_refused_naming_the_leaf(kind, call):
+    make, fragments = WITHOUT_MEMORY[kind]
+    other = torch.full((3,), 10.0)
+    grads = {"a": other, "b": [None, make()]}
+    with raises_with(TypeError, "grads['b'][1]", *fragments):
+        {"grad_norm": gc.grad_norm, "clip_grad_norm_": lambda g: gc.clip_grad_norm_(g, 1.0),
+         "clip_grad_value": lambda g: gc.clip_grad_value(g, 1.0)}[call](grads)  # fmt: skip
+    assert other.tolist() == [10.0, 10.0, 10.0]

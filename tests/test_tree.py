@@ -3,13 +3,16 @@ iterables, nested dict/list/tuple trees with None leaves, NumPy scalars, the sam
 object at several positions, and the structure of out-of-place results."""
 
 import math
-from collections import deque
+from collections import OrderedDict, UserDict, defaultdict, deque, namedtuple
+from collections.abc import Mapping, MutableMapping
+from types import MappingProxyType
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import gradclip as gc
+from gradclip._tree import MAX_DEPTH
 from helpers import (
     DTYPES,
     Frozen,
@@ -19,6 +22,7 @@ from helpers import (
     assert_same_structure,
     dtype_id,
     random_values,
+    raises_with,
     tree_leaves,
 )
 from reference import ref_clamp, ref_clip_by_norm, ref_coef, ref_layer_norms, ref_norm, ref_scale
@@ -287,3 +291,251 @@ def test_zero_d_array_leaf():
     x1 = x.copy()
     gc.clip_grad_value_({"x": x}, 0.5)
     assert_same_bits(x, ref_clamp(x1, 0.5))
+
+
+# --------------------------------------------------------------------------- container zoo (SPEC §10)
+
+
+class Named(dict):
+    """A dict subclass whose constructor takes something else first."""
+
+    def __init__(self, name, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name
+
+
+class Layers(list):
+    def __init__(self, name, items=()):
+        super().__init__(items)
+        self.name = name
+
+
+class Pair(tuple):
+    """A tuple subclass that takes its items as tuple does."""
+
+
+class Bounded(tuple):
+    """A tuple subclass whose constructor takes something else: gradclip cannot call it."""
+
+    def __new__(cls, low, high):
+        return super().__new__(cls, (low, high))
+
+
+class Frame(Mapping):
+    """A read-only mapping of another kind: nothing says how to make one."""
+
+    def __init__(self, data):
+        self._data = dict(data)
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+
+class Uncopyable(dict):
+    def __copy__(self):
+        raise RuntimeError("no copies of this one")
+
+
+class Itself(dict):
+    def __copy__(self):
+        return self
+
+
+class Bag(MutableMapping):
+    """A mutable mapping keeping its items in an attribute: a shallow copy shares them."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __delitem__(self, key):
+        del self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+Point = namedtuple("Point", ["x", "y"])
+
+
+def _zoo(rng):
+    """name -> a container of arrays (and a None); every kind gradclip rebuilds."""
+    v = lambda n: random_values(n, np.float64, rng) * 10  # noqa: E731
+    ordered = OrderedDict([("z", v(3)), ("a", v(2)), ("none", None)])
+    ordered.move_to_end("z")
+    default = defaultdict(list, {"w": v(4), "b": v(1)})
+    return {
+        "dict subclass with its own constructor": Named("enc", {"w": v(3), "b": None, "k": v(2)}),
+        "defaultdict": default,
+        "OrderedDict": ordered,
+        "UserDict": UserDict({"w": v(3), "b": v(2)}),
+        "namedtuple": Point(v(3), None),
+        "mappingproxy": MappingProxyType({"w": v(3), "b": v(1)}),
+        "list subclass with its own constructor": Layers("blocks", [v(2), None, v(3)]),
+        "tuple subclass": Pair((v(2), v(3))),
+        "nested": Named(
+            "outer", {"inner": defaultdict(int, {"p": Point(v(1), Layers("l", [v(2)]))}), "u": UserDict({"q": v(2)})}
+        ),
+    }
+
+
+def _assert_rebuilt(result, template):
+    """``result`` is ``template`` rebuilt: the same types, attributes, keys in order, defaults."""
+    assert type(result) is type(template), f"{type(result).__name__} != {type(template).__name__}"
+    if isinstance(template, Mapping):
+        assert list(result) == list(template)
+        assert getattr(result, "default_factory", None) is getattr(template, "default_factory", None)
+        children = [(result[k], template[k]) for k in template]
+    elif isinstance(template, (list, tuple)):
+        assert len(result) == len(template)
+        children = list(zip(result, template))
+    else:
+        assert template is None or isinstance(result, np.ndarray)
+        return
+    if hasattr(template, "__dict__") and not isinstance(template, UserDict):
+        assert vars(result) == vars(template)
+    for r, t in children:
+        _assert_rebuilt(r, t)
+
+
+def _arrays(tree):
+    found = []
+    _collect(tree, found)
+    return found
+
+
+def _collect(node, found):
+    if isinstance(node, np.ndarray):
+        found.append(node)
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            _collect(value, found)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _collect(value, found)
+
+
+ZOO = list(_zoo(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("kind", ZOO)
+def test_containers_come_back_as_they_went_in(kind, rng):
+    grads = _zoo(rng)[kind]
+    leaves = _arrays(grads)
+    frozen = Frozen(*leaves)
+    max_norm = 0.5 * ref_norm(leaves)
+    clipped, total = gc.clip_grad_norm(grads, max_norm)
+    _assert_rebuilt(clipped, grads)
+    for o, x in zip(_arrays(clipped), leaves):
+        assert_same_bits(o, ref_scale(x, ref_coef(max_norm, total)))
+    _assert_rebuilt(gc.clip_grad_value(grads, 0.5), grads)
+    value, direction = gc.norm_penalty(grads, 0.5 * total, 2.0)
+    _assert_rebuilt(direction, grads)
+    for d, x in zip(_arrays(direction), leaves):
+        assert_same_bits(d, ref_scale(x, 2.0 / total))
+    accumulator = gc.GradAccumulator(2)
+    assert accumulator.step(grads) is None
+    mean = accumulator.step(grads)
+    _assert_rebuilt(mean, grads)
+    for m, x in zip(_arrays(mean), leaves):
+        assert_same_bits(m, x)
+    assert_norms_close(gc.layer_norms(grads), ref_layer_norms(leaves))
+    frozen.check()
+    before = [x.copy() for x in leaves]
+    assert_norm_close(gc.clip_grad_norm_(grads, max_norm), ref_norm(before))  # in place: walks them too
+    for x, b in zip(leaves, before):
+        assert_same_bits(x, ref_scale(b, ref_coef(max_norm, total)))
+    params = gc.clip_grad_value(grads, math.inf)  # the same structure: copies of the leaves
+    expected = [x.copy() for x in leaves]
+    clipped_units = gc.adaptive_grad_clip_(expected, [x.copy() for x in leaves], 0.5)
+    assert gc.adaptive_grad_clip_(grads, params, 0.5) == clipped_units > 0
+    for x, e in zip(leaves, expected):
+        assert_same_bits(x, e)
+
+
+REFUSED = {
+    "tuple subclass with its own constructor": (lambda v: Bounded(v, v[:0]), "Bounded"),
+    "read-only mapping of another kind": (lambda v: Frame({"w": v}), "Frame"),
+    "dict subclass that cannot be copied": (lambda v: Uncopyable(w=v), "no copies of this one"),
+    "tuple subclass with attributes": (lambda v: _with_attribute(Pair((v,))), "Pair"),
+    "dict subclass whose copy is itself": (lambda v: Itself(w=v), "the copy shares its items"),
+    "mapping whose copy would share its items": (lambda v: Bag({"w": v}), "Bag"),
+}
+
+
+def _with_attribute(container):
+    container.note = "kept nowhere"
+    return container
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+@pytest.mark.parametrize(
+    "call", ["clip_grad_norm_", "clip_grad_norm", "grad_norm", "GradAccumulator.step", "norm_penalty"]
+)
+def test_containers_that_cannot_be_rebuilt_are_refused(kind, call, rng):
+    make, fragment = REFUSED[kind]
+    valid = random_values(4, np.float64, rng) * 10
+    grads = {"ok": valid, "odd": [None, make(random_values(3, np.float64, rng) * 10)]}
+    frozen = Frozen(valid, *_arrays(grads))
+    calls = {
+        "clip_grad_norm_": lambda g: gc.clip_grad_norm_(g, 0.1),
+        "clip_grad_norm": lambda g: gc.clip_grad_norm(g, 0.1),
+        "grad_norm": gc.grad_norm,
+        "GradAccumulator.step": gc.GradAccumulator(1).step,
+        "norm_penalty": lambda g: gc.norm_penalty(g, 0.1, 1.0),
+    }
+    fix = "pass a dict, list, tuple or namedtuple"
+    odd = grads["odd"][1]
+    items = list(odd.items()) if isinstance(odd, Mapping) else list(odd)
+    with raises_with(TypeError, "grads['odd'][1] is", fragment, "cannot rebuild", fix):
+        calls[call](grads)
+    frozen.check()
+    assert (list(odd.items()) if isinstance(odd, Mapping) else list(odd)) == items  # the container too
+
+
+def test_a_container_inside_itself_is_refused(rng):
+    x = random_values(3, np.float64, rng) * 10
+    looped = {"w": x, "layers": [x[:1].copy()]}
+    looped["layers"].append(looped)
+    frozen = Frozen(x)
+    for call in (gc.grad_norm, lambda g: gc.clip_grad_norm_(g, 0.1), lambda g: gc.clip_grad_norm(g, 0.1)):
+        with raises_with(ValueError, "grads['layers'][1] is a container that holds itself"):
+            call(looped)
+    frozen.check()
+    shared = [x, x]  # the same array twice is no cycle, nor is the same container twice
+    assert_norm_close(gc.grad_norm({"a": shared, "b": shared}), ref_norm([x]))
+
+
+def test_nesting_deeper_than_the_limit_is_refused(rng):
+    x = random_values(3, np.float64, rng) * 10
+
+    def nested(depth):
+        tree = x
+        for level in range(depth):
+            tree = [tree] if level % 2 else {"k": tree}
+        return tree
+
+    deep = nested(MAX_DEPTH)  # at the limit: works everywhere
+    assert_norm_close(gc.grad_norm(deep), ref_norm([x]))
+    out, _ = gc.clip_grad_norm(deep, math.inf)
+    assert_same_bits(tree_leaves(out)[0], x)
+    too_deep = f"[... {MAX_DEPTH - 8} levels more] is nested more than {MAX_DEPTH} containers deep"
+    outermost = {MAX_DEPTH + 1: "grads['k'][0]['k'][0]", 498: "grads[0]['k'][0]['k']", 5000: "grads[0]['k']"}
+    for depth, outer in outermost.items():
+        with raises_with(ValueError, outer, too_deep):
+            gc.clip_grad_norm_(nested(depth), 0.1)
+    assert_same_bits(x, tree_leaves(deep)[0])
