@@ -125,7 +125,7 @@ def _from_stacked(batch):
     plans, rows = [], []
     for array in arrays:
         if n:
-            cell = array[0]
+            cell = array[0, ...]  # a view, 0-d for a (B,) leaf
             runs = _runs(cell)
             base = array.ctypes.data + np.arange(n, dtype=np.int64) * array.strides[0]
             rows.append((*runs, base))
@@ -177,7 +177,7 @@ def _plan(cell, runs, base, keep=None):
 def _copied_plan(array):
     """The plan of a stacked leaf read through a C-ordered copy."""
     copy = np.array(array, order="C")
-    cell = copy[0]
+    cell = copy[0, ...]
     base = copy.ctypes.data + np.arange(copy.shape[0], dtype=np.int64) * copy.strides[0]
     return _plan(cell, _runs(cell), base, keep=copy)
 

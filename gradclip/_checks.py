@@ -552,3 +552,6 @@ def open_unit(name, value, closed_above=False):
     if not (0 < x < 1 or (closed_above and x == 1)):
         raise ValueError(f"{name} must be in (0, 1{']' if closed_above else ')'}; got {value!r}")
     return x
+
+
+_OUT_OF_PLACE_TWIN["clip_per_example_"] = "clip_per_example"  # named by raise_read_only

@@ -29,6 +29,7 @@ never over examples: each chunk's float64 accumulator stays in L1 while every ex
 adds into it in example order, so the bits do not depend on the thread count.
 """
 
+import decimal
 import math
 
 import numba
@@ -194,7 +195,8 @@ def _chacha_words(w0, w1, first_block, key):
 # ---------------------------------------------------------------- Box-Muller
 
 _SQRT2 = math.sqrt(2.0)
-_LN2 = math.log(2.0)
+_LN2_HI = float.fromhex("0x1.62e42fee00000p-1")  # ln 2 to 32 bits: e * _LN2_HI is exact
+_LN2_LO = float(decimal.Decimal("0.693147180559945309417232121458176568075500134") - decimal.Decimal(_LN2_HI))
 _EXPONENT_MAGIC = _U64(0x4330000000000000)  # 2**52: its low bits hold small integers exactly
 _ATANH_TERMS = tuple(2.0 / (2 * k + 1) for k in range(12))  # ln m = Σ 2 s^(2k+1) / (2k + 1)
 _TWO_PI = 2.0 * math.pi
@@ -202,12 +204,15 @@ _TWO_PI = 2.0 * math.pi
 
 @njit(inline="always", fastmath=FAST, error_model="numpy")
 def log_unit(u):
-    """ln u for u in (0, 1], a normal float64.
+    """ln u for u in (0, 1], a normal float64, within 2 units in the last place.
 
-    ``u = m 2**e`` with ``m`` in [sqrt(1/2), sqrt(2)); ``ln m = 2 atanh(s)``,
-    ``s = (m - 1) / (m + 1)``, ``|s| <= 0.172``: the odd series to ``s**23`` is exact to
-    float64. The exponent is read as a float through 2**52's bits (AVX2 has no vector
-    int64 -> float64 conversion, and without one the loop is not vectorised).
+    ``u = (1 + f) 2**e`` with ``1 + f`` in [sqrt(1/2), sqrt(2)) (``f`` exact), and
+    ``ln(1 + f) = 2 atanh(s) = 2s + s R``, ``s = f / (2 + f)``, ``|s| <= 0.172``,
+    ``R = Σ_k>=1 2 s**2k / (2k + 1)`` (to ``s**22``: exact to float64). Written as
+    ``f - (f²/2 - s (f²/2 + R))`` (as ``2s = f - s f``), the rounding errors fall on
+    small terms; ``e ln 2`` is added in two parts, the first exact. The exponent is read
+    as a float through 2**52's bits (AVX2 has no vector int64 -> float64 conversion,
+    and without one the loop is not vectorised).
     """
     b = _f64_bits(u)
     e = _f64_from_bits((b >> _U64(52)) | _EXPONENT_MAGIC) - (4503599627370496.0 + 1023.0)
@@ -215,12 +220,15 @@ def log_unit(u):
     high = m > _SQRT2
     m = m * 0.5 if high else m
     e = e + 1.0 if high else e
-    s = (m - 1.0) / (m + 1.0)
+    f = m - 1.0
+    s = f / (2.0 + f)
     z = s * s
-    p = _ATANH_TERMS[11]
-    for k in range(10, -1, -1):
-        p = p * z + _ATANH_TERMS[k]
-    return s * p + e * _LN2
+    r = _ATANH_TERMS[11]
+    for k in range(10, 0, -1):
+        r = r * z + _ATANH_TERMS[k]
+    r = r * z
+    half_f2 = 0.5 * f * f
+    return e * _LN2_HI - ((half_f2 - (s * (half_f2 + r) + e * _LN2_LO)) - f)
 
 
 # Taylor coefficients of sin and cos on [-π/4, π/4]; the first omitted terms are below
