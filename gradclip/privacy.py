@@ -20,6 +20,8 @@ def _dp_accounting():
 
 
 def _event(dp_accounting, noise_multiplier, sample_rate, steps):
+    if not steps:
+        return dp_accounting.NoOpDpEvent()
     step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
@@ -66,9 +68,9 @@ def epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp"):
     Examples
     --------
     >>> import gradclip
-    >>> eps = gradclip.privacy.epsilon(1.1, 256 / 60_000, 60 * 60_000 // 256, 1e-5)
+    >>> eps = gradclip.privacy.epsilon(1.1, 256 / 60_000, 60 * 60_000 // 256, 1e-5)  # 60 epochs
     >>> round(eps, 2)
-    2.92
+    2.6
     """
     noise_multiplier = _checks.finite_nonnegative("noise_multiplier", noise_multiplier)
     sample_rate, steps, delta = _steps_and_rates(sample_rate, steps, delta)
@@ -92,7 +94,8 @@ def noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant="rdp"
     Returns
     -------
     float
-        Found by ``dp_accounting.calibrate_dp_mechanism`` (a bracketed search).
+        Found by ``dp_accounting.calibrate_dp_mechanism`` (a bracketed search); 0 for no
+        steps.
 
     Examples
     --------
@@ -105,6 +108,8 @@ def noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant="rdp"
     sample_rate, steps, delta = _steps_and_rates(sample_rate, steps, delta)
     accountant = _checks.accountant(accountant)
     dp_accounting = _dp_accounting()
+    if not steps:
+        return 0.0
     return float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: _accountant(dp_accounting, accountant),

@@ -305,9 +305,10 @@ def add_noise_(grads, std, noise):
     --------
     >>> import numpy as np, gradclip
     >>> g = np.zeros(3)
-    >>> gradclip.add_noise_(g, 0.5, gradclip.GaussianNoise(seed=0))
-    >>> g.std() > 0
-    True
+    >>> noise = gradclip.GaussianNoise(seed=0)
+    >>> gradclip.add_noise_(g, 0.5, noise)
+    >>> bool((g == 0.5 * gradclip.GaussianNoise(seed=0).standard_normal(3)).all()), noise.draws
+    (True, 3)
     """
     std = _checks.finite_nonnegative("std", std)
     if not isinstance(noise, GaussianNoise):
