@@ -25,8 +25,9 @@ loop in its own function (LLVM vectorised none of them inlined into a bigger loo
 **Sums.** ``weighted_sum_table`` computes, for every element of one example's leaves,
 ``(Σ_i f_i g_i + std z) / divisor`` in float64 and rounds it once to the leaf's type.
 Work is split over the parameter axis (chunks of ``SUM_CHUNK`` elements of one row),
-never over examples: each chunk's float64 accumulator stays in L1 while every example
-adds into it in example order, so the bits do not depend on the thread count.
+never over examples: each chunk's float64 accumulator stays in cache while the examples
+add into it in example order, four per pass, so the bits do not depend on the thread
+count.
 """
 
 import decimal
@@ -46,8 +47,9 @@ PAIRS_PER_BLOCK = (1, 4)
 GROUP = 256
 """Pairs of draws made per stage (a multiple of every ``PAIRS_PER_BLOCK``)."""
 
-SUM_CHUNK = 2048
-"""Elements per chunk of a sum: a float64 accumulator of 16 KiB (L1)."""
+SUM_CHUNK = 8192
+"""Elements per chunk of a sum: a float64 accumulator of 64 KiB (L2), and runs of 32 KiB
+(float32) read from each example."""
 
 NOISE_CHUNK = 1 << 14
 """Elements per chunk of noise added in place."""
@@ -369,6 +371,16 @@ def axpy_cpu(acc, f, v):
 
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
+def axpy4_cpu(acc, f0, v0, f1, v1, f2, v2, f3, v3):
+    """acc += (f0 x0 + f1 x1) + (f2 x2 + f3 x3), in float64: four examples in one pass over
+    the accumulator (1.2-1.3x a plain read pass on one core here, one at a time 0.6-0.8x)."""
+    for e in range(acc.size):
+        near = _times(_widen(v0[e]), f0) + _times(_widen(v1[e]), f1)
+        far = _times(_widen(v2[e]), f2) + _times(_widen(v3[e]), f3)
+        acc[e] += near + far
+
+
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def round_out_cpu(out, acc, z, std, divisor):
     """out <- round((acc + std z) / divisor), once, to ``out``'s type (``z`` unread if std = 0)."""
     if std == 0.0:
@@ -433,14 +445,32 @@ def _sum_at(k, row, lo, leaf, offset, count, step, out_addr, draw, base, factors
     u = leaf[r]
     acc = _zeros(n, witness)
     shift = offset[r] + start * step[r] * witness.itemsize
-    for i in range(base.shape[0]):  # examples in order: the bits do not depend on threads
-        f = factors[i, u]
-        if f == 0.0:  # zeroed or clipped to nothing: not read (a NaN times 0 is NaN)
-            continue
-        if step[r] == 1:
-            axpy_cpu(acc, f, numba.carray(_voidptr(base[i, u] + shift), (n,), witness.dtype))
-        else:
-            axpy_cpu(acc, f, _view(base[i, u] + shift, n, step[r], witness))
+    # Examples in order, four at a time (the rest one by one): the bits depend on the
+    # factors only, never on threads. A factor 0 (a zeroed example, or a bound of 0) is
+    # not read: a NaN times 0 is NaN.
+    active = np.empty(base.shape[0], np.int64)
+    m = 0
+    for i in range(base.shape[0]):
+        if factors[i, u] != 0.0:
+            active[m] = i
+            m += 1
+    j = 0
+    if step[r] == 1:
+        while j + 4 <= m:
+            i0, i1, i2, i3 = active[j], active[j + 1], active[j + 2], active[j + 3]
+            axpy4_cpu(
+                acc,
+                factors[i0, u], numba.carray(_voidptr(base[i0, u] + shift), (n,), witness.dtype),
+                factors[i1, u], numba.carray(_voidptr(base[i1, u] + shift), (n,), witness.dtype),
+                factors[i2, u], numba.carray(_voidptr(base[i2, u] + shift), (n,), witness.dtype),
+                factors[i3, u], numba.carray(_voidptr(base[i3, u] + shift), (n,), witness.dtype),
+            )  # fmt: skip
+            j += 4
+        for i in active[j:m]:
+            axpy_cpu(acc, factors[i, u], numba.carray(_voidptr(base[i, u] + shift), (n,), witness.dtype))
+    else:
+        for i in active[:m]:
+            axpy_cpu(acc, factors[i, u], _view(base[i, u] + shift, n, step[r], witness))
     parts = _parts(witness)
     z = _normals_for(n * parts, draw[r] + start * parts, std, kind, key)
     out = numba.carray(_voidptr(out_addr[r] + start * witness.itemsize), (n,), witness.dtype)

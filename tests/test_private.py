@@ -382,9 +382,11 @@ def test_results_in_the_callers_framework(rng):
 
 
 def test_extra_memory_is_the_result(rng):
+    """What clipped_sum allocates (NumPy's and the kernels' allocations, which tracemalloc
+    sees) is the result, O(B) and a fixed scratch per thread: no per-example copy."""
     import tracemalloc
 
-    g = [rng.standard_normal((32, 256, 256)).astype(np.float32), rng.standard_normal((32, 1000)).astype(np.float32)]
+    g = [rng.standard_normal((16, 512, 512)).astype(np.float32), rng.standard_normal((16, 1000)).astype(np.float32)]
     gc.clipped_sum(g, 1.0, noise_multiplier=1.0, noise=gc.GaussianNoise(seed=0))  # compile first
     tracemalloc.start()
     try:
@@ -393,7 +395,8 @@ def test_extra_memory_is_the_result(rng):
     finally:
         tracemalloc.stop()
     result = sum(t.nbytes for t in total)
-    assert peak <= 1.1 * result + 64 * 1024, (peak, result)
+    scratch = numba.config.NUMBA_NUM_THREADS * 160 * 1024  # per chunk: accumulator, draws, stages
+    assert peak <= 1.1 * result + scratch, (peak, result)
 
 
 # --------------------------------------------------------------------------- against Optax and Opacus
