@@ -290,9 +290,12 @@ def _fill_normals(out, first_draw, kind, key, w0, w1, stage):
             _philox_words(w0, w1, block, key)
         else:
             _chacha_words(w0, w1, block, key)
-        _box_muller(w0, w1, stage)
         n = min(stage.size - skip, out.size - done)
-        out[done : done + n] = stage[skip : skip + n]
+        if n == stage.size:  # a whole stage: straight into place
+            _box_muller(w0, w1, out[done : done + n])
+        else:
+            _box_muller(w0, w1, stage)
+            out[done : done + n] = stage[skip : skip + n]
         done += n
         skip = 0
         block += GROUP // pairs_per_block
@@ -303,14 +306,27 @@ def _scratch():
     return np.empty(GROUP, np.uint64), np.empty(GROUP, np.uint64), np.empty(2 * GROUP)
 
 
+@njit(cache=True)
+def _normals_serial(out, first_draw, kind, key):
+    w0, w1, stage = _scratch()
+    _fill_normals(out, first_draw, kind, key, w0, w1, stage)
+
+
 @njit(cache=True, parallel=True)
-def normals_cpu(out, first_draw, kind, key):
-    """Draws ``first_draw .. first_draw + out.size - 1`` of a stream into ``out`` (float64)."""
+def _normals_parallel(out, first_draw, kind, key):
     chunks = (out.size + NOISE_CHUNK - 1) // NOISE_CHUNK
     for k in prange(chunks):
         w0, w1, stage = _scratch()
         lo = k * NOISE_CHUNK
         _fill_normals(out[lo : lo + NOISE_CHUNK], first_draw + lo, kind, key, w0, w1, stage)
+
+
+def normals_cpu(out, first_draw, kind, key):
+    """Draws ``first_draw .. first_draw + out.size - 1`` of a stream into ``out`` (float64)."""
+    if out.size < PARALLEL_MIN:
+        _normals_serial(out, first_draw, kind, key)
+    else:
+        _parallel(_normals_parallel, out, first_draw, kind, key)
 
 
 # ------------------------------------------------------------ element types
@@ -399,6 +415,19 @@ def add_noise_cpu_(v, z, std):
 
 
 # ------------------------------------------------------------------ drivers
+
+
+def _parallel(driver, *args):
+    """Run a parallel driver with its chunks handed out one at a time.
+
+    Numba's default splits the iterations into one equal run per thread. The sum's chunks
+    are few and uneven (16 on the 784-128-10 MLP, 13 of them long), and a thread that
+    waits for a busy core then holds back all of its run; one at a time, only one chunk.
+    Measured on that MLP, B = 1024: 114 -> 97 ms (median, loaded machine). The setting
+    costs ~7 us, so the serial drivers go without it.
+    """
+    with numba.parallel_chunksize(1):
+        return driver(*args)
 
 
 @njit(cache=True)
@@ -504,8 +533,11 @@ def weighted_sum_table(rows, base, factors, std, divisor, kind, key, witness):
     """
     leaf, offset, count, step, out_addr, draw = rows
     reads = int(count.sum()) * max(1, base.shape[0])
-    driver = _sum_parallel if reads >= PARALLEL_MIN else _sum_serial
-    driver(leaf, offset, count, step, out_addr, draw, base, factors, float(std), float(divisor), kind, key, witness)
+    args = (leaf, offset, count, step, out_addr, draw, base, factors, float(std), float(divisor), kind, key, witness)
+    if reads >= PARALLEL_MIN:
+        _parallel(_sum_parallel, *args)
+    else:
+        _sum_serial(*args)
 
 
 @njit(inline="always")
@@ -535,8 +567,11 @@ def _noise_parallel(addr, count, step, draw, std, kind, key, witness):
 def add_noise_table(table, draw, std, kind, key):
     """Add ``std`` times draws to every element of ``table`` (a ``_table.Table``) in place;
     ``draw`` (int64, one per row) is the draw of each row's first real number."""
-    driver = _noise_parallel if table.size >= PARALLEL_MIN else _noise_serial
-    driver(table.addr, table.count, table.step, draw, float(std), kind, key, table.witness)
+    args = (table.addr, table.count, table.step, draw, float(std), kind, key, table.witness)
+    if table.size >= PARALLEL_MIN:
+        _parallel(_noise_parallel, *args)
+    else:
+        _noise_serial(*args)
 
 
 # ------------------------------------------------------ per-example norms

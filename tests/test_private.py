@@ -360,7 +360,9 @@ def test_the_same_bits_for_any_thread_count(rng):
         numba.set_num_threads(n)
         try:
             total, stats = gc.clipped_sum(g, 20.0, noise_multiplier=1.0, noise=gc.GaussianNoise(seed=4))
-            results.append([total[0].tobytes(), total[1].tobytes(), stats.norms.tobytes()])
+            noised = [x.copy() for x in total]
+            gc.add_noise_(noised, 0.5, gc.GaussianNoise(seed=5))
+            results.append([*(x.tobytes() for x in (*total, *noised)), stats.norms.tobytes()])
         finally:
             numba.set_num_threads(threads)
     assert results[0] == results[1] == results[2]
