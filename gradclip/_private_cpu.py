@@ -1,14 +1,22 @@
 """The private-training operations (SPEC §9) on CPU cells, with the CPU kernels.
 
 Each is a small function over prepared tables (``_cells.Cells``, ``_batch.Batch``);
-``private.py`` calls them without knowing the device.
+``private.py`` and ``noise.py`` call them without knowing the device. The kernels of
+``kernels/private_cpu.py`` are imported on first use, keeping them out of
+``import gradclip`` (10-30 ms here).
 """
 
 import numpy as np
 
 from . import _cpu, _table
 from ._kernels import cpu as kernels
-from ._kernels import private_cpu as private_kernels
+
+
+def private_kernels():
+    """``gradclip._kernels.private_cpu``, imported on first use."""
+    from ._kernels import private_cpu
+
+    return private_cpu
 
 
 def cell_norms(cells, p):
@@ -18,7 +26,7 @@ def cell_norms(cells, p):
 
 def example_norms(norms, p):
     """Each example's p-norm from its cells' (``norms``, ``(B, U)``)."""
-    return private_kernels.fold_rows(norms, float(p))
+    return private_kernels().fold_rows(norms, float(p))
 
 
 def scale_cells_(cells, factors):
@@ -48,7 +56,7 @@ def weighted_sum(cells, factors, std, divisor, noise, first_draw):
     for u, plan in enumerate(cells.plans):
         base[:, u] = plan.base
     starts = first_draw + _leaf_draw_starts(cells)
-    kind, key = (noise._kind, noise._key) if std else (private_kernels.PHILOX, np.zeros(2, np.uint32))
+    kind, key = (noise._kind, noise._key) if std else (private_kernels().PHILOX, np.zeros(2, np.uint32))
     for dtype in dict.fromkeys(cells.dtypes):
         parts = 2 if dtype.kind == "c" else 1
         columns = ([], [], [], [], [], [])  # leaf, offset, count, step, out_addr, draw
@@ -59,7 +67,7 @@ def weighted_sum(cells, factors, std, divisor, noise, first_draw):
             for column, value in zip(columns, values):
                 column.append(value)
         rows = [np.concatenate(column).astype(np.int64) for column in columns]
-        private_kernels.weighted_sum_table(rows, base, factors, std, divisor, kind, key, _table.witness(dtype))
+        private_kernels().weighted_sum_table(rows, base, factors, std, divisor, kind, key, _table.witness(dtype))
     return outputs
 
 
@@ -81,7 +89,7 @@ def add_noise_(batch, std, noise, first_draw):
         if table.size:
             parts = 2 if table.witness.dtype.kind == "c" else 1
             draw = first_draw + starts[table.seg_leaf] + _offsets_in_leaf(table) * parts
-            private_kernels.add_noise_table(table, draw, std, noise._kind, noise._key)
+            private_kernels().add_noise_table(table, draw, std, noise._kind, noise._key)
 
 
 def batch_draws(batch):
@@ -99,3 +107,8 @@ def _offsets_in_leaf(table):
     before = np.cumsum(table.count) - table.count
     first = np.concatenate([[True], table.seg_leaf[1:] != table.seg_leaf[:-1]])
     return before - np.repeat(before[first], np.diff(np.append(np.flatnonzero(first), first.size)))
+
+
+def normals(out, noise, first_draw):
+    """Fill ``out`` (float64, contiguous) with the stream's draws from ``first_draw`` on."""
+    private_kernels().normals_cpu(out.reshape(-1), first_draw, noise._kind, noise._key)

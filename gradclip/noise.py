@@ -1,7 +1,7 @@
 """Gaussian noise for private training (SPEC §9): a counter-based generator.
 
 Draw number ``d`` of a stream is a function of the key and ``d`` alone (see
-``kernels/private_cpu.py``), so the stream is the same for any thread count and any
+``kernels/private_cpu.py``; the draws are made by the backend, ``_private_cpu``), so the stream is the same for any thread count and any
 split into calls: drawing 10 numbers and then 7 gives the 17 numbers of one call.
 The generator only keeps its key and the number of draws made so far.
 """
@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from . import _checks
-from ._kernels import private_cpu as kernels
+from . import _private_cpu as _backend
 
 _STATE = ("seed", "draws")
 
@@ -66,12 +66,12 @@ class GaussianNoise:
         if self._secure:
             if seed is not None:
                 raise _checks.secure_seed()
-            self._kind = kernels.CHACHA
+            self._kind = _backend.private_kernels().CHACHA
             self._key = np.frombuffer(os.urandom(40), dtype=np.uint32).copy()  # 8 key + 2 nonce words
             self._seed = None
         else:
             sequence = np.random.SeedSequence(seed)
-            self._kind = kernels.PHILOX
+            self._kind = _backend.private_kernels().PHILOX
             self._key = sequence.generate_state(2, np.uint32)
             self._seed = int(sequence.entropy)
         self._draws = 0
@@ -90,7 +90,7 @@ class GaussianNoise:
         shape = (size,) if np.ndim(size) == 0 else tuple(size)
         out = np.empty(shape)
         if out.size:
-            kernels.normals_cpu(out.reshape(-1), self._take(out.size), self._kind, self._key)
+            _backend.normals(out, self, self._take(out.size))
         return out
 
     def _take(self, n):
