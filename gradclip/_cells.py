@@ -67,8 +67,9 @@ class Cells:
         """``U``, the unique leaves of an example."""
         return len(self.shapes)
 
-    def path(self, u, root="grads"):
-        return _tree.path(self.treedef, int(np.argmax(self.unique_of == u)), root)
+    def path(self, u):
+        """The path of unique leaf ``u`` (its first position) in one example."""
+        return _tree.path(self.treedef, int(np.argmax(self.unique_of == u)))
 
     def copy(self):
         """The same batch in new writable arrays (for the out-of-place functions)."""

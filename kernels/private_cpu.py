@@ -19,8 +19,9 @@ the second a fraction ``t`` of a turn in [0, 1), and Box-Muller gives draws
 ``2j = r cos(2πt)`` and ``2j + 1 = r sin(2πt)`` with ``r = sqrt(-2 ln u)`` (at most
 8.49). ``ln``, ``sin`` and ``cos`` are polynomials written here, accurate to about one
 unit in the last place of float64 (tests check them against NumPy's): the library
-calls would not vectorise (no SVML), and they cost 10x more. Every stage is a separate
-loop in its own function (LLVM vectorised none of them inlined into a bigger loop).
+calls would not vectorise (no SVML); the transform took 19 ns a pair with them, 4 with
+these. Every stage is a separate loop in its own function: inlined into one bigger loop,
+LLVM vectorised none of them (20 ns a pair).
 
 **Sums.** ``weighted_sum_table`` computes, for every element of one example's leaves,
 ``(Σ_i f_i g_i + std z) / divisor`` in float64 and rounds it once to the leaf's type.
