@@ -20,8 +20,38 @@ def private_kernels():
 
 
 def cell_norms(cells, p):
-    """The p-norm of every cell, float64 ``(B, U)``."""
-    return _cpu.leaf_norms(cells, p).reshape(cells.n, cells.leaves)
+    """The p-norm of every cell, float64 ``(B, U)``.
+
+    p = 2 reads the examples by their plans, four at a time; a cell whose sum of squares
+    overflowed, or may have lost float64 bits to underflow, is redone scaled by its
+    largest magnitude, as `_cpu.leaf_norms` does (which takes every other p).
+    """
+    if p != 2.0:
+        return _cpu.leaf_norms(cells, p).reshape(cells.n, cells.leaves)
+    sums = np.zeros((cells.n, cells.leaves))
+    base = _bases(cells)
+    for dtype in dict.fromkeys(cells.dtypes):
+        rows = [np.concatenate(column).astype(np.int64) for column in zip(*_plan_rows(cells, dtype))]
+        private_kernels().cell_sumsq_table(rows, base, sums, _table.witness(dtype))
+    norms, redo, any_redo = kernels.norms_from_sums(sums.reshape(-1), 2.0, _cpu._TINY, _cpu._float64_based(cells))
+    if any_redo:
+        norms[redo] = _cpu._scaled_norms(cells, 2.0, redo)[redo]
+    return norms.reshape(cells.n, cells.leaves)
+
+
+def _bases(cells):
+    """Example ``i``'s leaf ``u`` starts at ``[i, u]`` (int64 ``(B, U)``; read through the plans)."""
+    base = np.zeros((cells.n, cells.leaves), np.int64)
+    for u, plan in enumerate(cells.plans):
+        base[:, u] = plan.base
+    return base
+
+
+def _plan_rows(cells, dtype):
+    """Per leaf of ``dtype``: its runs' columns ``(leaf, offset, count, step)``."""
+    for u in (u for u, d in enumerate(cells.dtypes) if d == dtype):
+        plan = cells.plans[u]
+        yield np.full(plan.count.size, u), plan.offset, plan.count, plan.step
 
 
 def example_norms(norms, p):
@@ -51,22 +81,16 @@ def weighted_sum(cells, factors, std, divisor, noise, first_draw):
         buffer = np.empty(int(np.prod(shape)), dtype)
         buffers.append(buffer)
         outputs.append(_table.dense_view(buffer, 0, shape, plan.order))
-    U = cells.leaves
-    base = np.zeros((cells.n, U), np.int64)
-    for u, plan in enumerate(cells.plans):
-        base[:, u] = plan.base
+    base = _bases(cells)
     starts = first_draw + _leaf_draw_starts(cells)
     kind, key = (noise._kind, noise._key) if std else (private_kernels().PHILOX, np.zeros(2, np.uint32))
     for dtype in dict.fromkeys(cells.dtypes):
         parts = 2 if dtype.kind == "c" else 1
-        columns = ([], [], [], [], [], [])  # leaf, offset, count, step, out_addr, draw
-        for u in (u for u, d in enumerate(cells.dtypes) if d == dtype):
-            plan = cells.plans[u]
-            out_addr = buffers[u].ctypes.data + plan.out_offset * dtype.itemsize
-            values = (np.full(plan.count.size, u), plan.offset, plan.count, plan.step, out_addr, starts[u] + plan.out_offset * parts)
-            for column, value in zip(columns, values):
-                column.append(value)
-        rows = [np.concatenate(column).astype(np.int64) for column in columns]
+        leaves = [u for u, d in enumerate(cells.dtypes) if d == dtype]
+        runs = [np.concatenate(column) for column in zip(*_plan_rows(cells, dtype))]
+        out_addr = [buffers[u].ctypes.data + cells.plans[u].out_offset * dtype.itemsize for u in leaves]
+        draw = [starts[u] + cells.plans[u].out_offset * parts for u in leaves]
+        rows = [column.astype(np.int64) for column in (*runs, np.concatenate(out_addr), np.concatenate(draw))]
         private_kernels().weighted_sum_table(rows, base, factors, std, divisor, kind, key, _table.witness(dtype))
     return outputs
 

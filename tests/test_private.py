@@ -120,8 +120,12 @@ def test_per_example_norms_any_p(form, p, rng):
 
 def test_per_example_norms_do_not_overflow(rng):
     g = rng.standard_normal((3, 1000)) * 1e200
-    g[1] *= 1e-400 / 1e200  # and do not underflow either
-    assert_norms_close(gc.per_example_norms(g), ref_example_norms([[x] for x in g]))
+    g[1] = rng.standard_normal(1000) * 1e-200  # and do not underflow either (squares below 2**-1074)
+    expected = ref_example_norms([[x] for x in g])
+    assert 0 < expected[1] < 1e-190 and expected[0] > 1e200
+    assert_norms_close(gc.per_example_norms(g), expected)
+    total, stats = gc.clipped_sum(g, 1.0)
+    assert_norms_close(stats.norms, expected)
 
 
 def test_a_repeated_leaf_counts_once(rng):
