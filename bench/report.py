@@ -158,12 +158,15 @@ def private_table(record, markdown=False):
 
 def private_memory_lines(record):
     """gradclip's peak traced allocation per clipped-sum workload, against the result's size."""
-    return [
-        f"{w['name']}: clipped_sum's peak allocation {w['memory']['peak_bytes'] / 1e6:.1f} MB, "
-        f"{w['memory']['peak_bytes'] / w['memory']['result_bytes']:.3f}x the result's {w['memory']['result_bytes'] / 1e6:.1f} MB"
-        for w in record["private"]
-        if w["memory"]
-    ]
+    lines = []
+    for w in record["private"]:
+        if w["memory"]:
+            peak, result = w["memory"]["peak_bytes"], w["memory"]["result_bytes"]
+            lines.append(
+                f"{w['name']}: clipped_sum's peak allocation {peak / 1e6:.1f} MB, "
+                f"{peak / result:.3f}x the result's {result / 1e6:.1f} MB"
+            )
+    return lines
 
 
 def cold_start_table(record, markdown=False):

@@ -53,7 +53,9 @@ class Cells:
     plans : a `Plan` per unique leaf.
     """
 
-    __slots__ = ("batches", "stacked", "n", "treedef", "unique_of", "shapes", "dtypes", "originals", "tables", "arrays", "plans")
+    __slots__ = (
+        "batches", "stacked", "n", "treedef", "unique_of", "shapes", "dtypes", "originals", "tables", "arrays", "plans"
+    )  # fmt: skip
 
     def __init__(self, batches, stacked, n, shapes, dtypes, originals, tables, plans):
         self.batches, self.stacked, self.n = batches, stacked, n

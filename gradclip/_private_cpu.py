@@ -102,7 +102,7 @@ def draws_of(cells):
 
 def _leaf_draw_starts(cells):
     sizes = [int(np.prod(s)) * (2 if d.kind == "c" else 1) for s, d in zip(cells.shapes, cells.dtypes)]
-    return np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    return (np.cumsum(sizes, dtype=np.int64) - sizes).astype(np.int64)
 
 
 def add_noise_(batch, std, noise, first_draw):

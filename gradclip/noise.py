@@ -1,8 +1,9 @@
 """Gaussian noise for private training (SPEC §9): a counter-based generator.
 
 Draw number ``d`` of a stream is a function of the key and ``d`` alone (see
-``kernels/private_cpu.py``; the draws are made by the backend, ``_private_cpu``), so the stream is the same for any thread count and any
-split into calls: drawing 10 numbers and then 7 gives the 17 numbers of one call.
+``kernels/private_cpu.py``; the backend, ``_private_cpu``, makes the draws), so the
+stream is the same for any thread count and any split into calls: drawing 10 numbers and
+then 7 gives the 17 numbers of one call.
 The generator only keeps its key and the number of draws made so far.
 """
 
