@@ -1,5 +1,5 @@
 """CPU kernels of private training (SPEC §9): Gaussian noise, the noised sum of clipped
-examples, and per-example norms folded from per-cell norms.
+examples, and per-example sums of squares.
 
 **Noise.** Normal draws come from a counter-based generator: draw ``d`` is a function of
 the key and ``d`` alone, so any chunk of a stream can be made by any thread, and a stream
@@ -28,7 +28,8 @@ LLVM vectorised none of them (20 ns a pair).
 Work is split over the parameter axis (chunks of ``SUM_CHUNK`` elements of one row),
 never over examples: each chunk's float64 accumulator stays in cache while the examples
 add into it in example order, four per pass, so the bits do not depend on the thread
-count.
+count. ``cell_sumsq_table`` reads the examples the same way for their sums of squares,
+and ``fold_rows`` folds an example's leaf norms into its norm.
 """
 
 import decimal
