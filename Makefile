@@ -21,6 +21,10 @@ $(VENV)/.stamp-torch: | $(VENV)/bin/python
 	$(PY) -m pip install -q torch==2.13.0
 	touch $@
 
+# The test extra holds opacus, which takes any torch >= 2.6: torch goes in first, so the
+# pinned build satisfies it and no other torch is pulled.
+$(VENV)/.stamp-test: | $(VENV)/.stamp-torch
+
 demo: $(VENV)/.stamp-plot
 	$(PY) examples/exploding_rnn.py
 

@@ -1,5 +1,6 @@
 """gradclip: fast, exact gradient norms, clipping and checks on plain arrays."""
 
+from . import privacy
 from ._checks import NonFiniteGradientError
 from .accumulate import GradAccumulator
 from .adaptive import (
@@ -19,21 +20,40 @@ from .clip import (
 )
 from .finite import all_finite, zero_nonfinite_
 from .monitor import NormMonitor
+from .noise import GaussianNoise
 from .norms import grad_norm, layer_norms
 from .penalty import norm_penalty
+from .private import (
+    Examples,
+    ExampleStats,
+    QuantileClipNorm,
+    add_noise_,
+    clip_per_example,
+    clip_per_example_,
+    clipped_sum,
+    per_example_norms,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipStats",
     "EMAClipper",
+    "ExampleStats",
+    "Examples",
+    "GaussianNoise",
     "GradAccumulator",
     "NonFiniteGradientError",
     "NormMonitor",
+    "QuantileClipNorm",
     "QuantileClipper",
     "ZScoreClipper",
+    "add_noise_",
     "adaptive_grad_clip_",
     "all_finite",
+    "clip_per_example",
+    "clip_per_example_",
+    "clipped_sum",
     "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
@@ -43,5 +63,7 @@ __all__ = [
     "grad_norm",
     "layer_norms",
     "norm_penalty",
+    "per_example_norms",
+    "privacy",
     "zero_nonfinite_",
 ]

@@ -576,3 +576,158 @@ def accumulation_mismatch(where, what, expected, got):
         "every micro-batch must have the structure, shapes and dtypes of the first (the "
         "accumulated state is unchanged; call reset() to accumulate different gradients)"
     )
+
+
+# --------------------------------------------------------------------------- private training
+
+
+def finite_nonnegative(name, value):
+    """``value`` as a finite float >= 0."""
+    x = _real(name, value)
+    if not 0 <= x < np.inf:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    return x
+
+
+def finite_positive(name, value):
+    """``value`` as a finite float > 0."""
+    x = _real(name, value)
+    if not 0 < x < np.inf:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return x
+
+
+def no_example_axis(where):
+    return ValueError(
+        f"{where} is 0-d, but every leaf of a stacked batch has the example axis first (shape (B, ...)); "
+        "stack the per-example gradients along axis 0, or pass gradclip.Examples([...]) of separate examples"
+    )
+
+
+def example_counts_differ(first, n, where, m):
+    return ValueError(
+        f"{where} holds {m} examples (its first axis) but {first} holds {n}; every leaf of a stacked batch "
+        "has the example axis first, with the same length B"
+    )
+
+
+def in_example(index, error):
+    """``error`` (raised for one example of a gradclip.Examples) with the example named."""
+    return type(error)(f"examples[{index}]: {error}")
+
+
+def example_differs(index, where, what, expected, got):
+    return ValueError(
+        f"examples[{index}] differs from examples[0] in {what} at {where}: expected {expected}, got {got}; "
+        "every example must have the structure, shapes and dtypes of the first"
+    )
+
+
+def example_shares_array(first, second, where, function):
+    return ValueError(
+        f"examples[{second}] holds the same array as examples[{first}] at {where}; {function} scales each "
+        "example in place and would scale that memory twice; pass separate arrays (e.g. copies)"
+    )
+
+
+def no_examples(function):
+    return ValueError(
+        f"{function} was given gradclip.Examples([]), and takes the structure of its result from the "
+        "examples; pass at least one example (a stacked batch with B = 0 is fine)"
+    )
+
+
+def not_examples(value):
+    return TypeError(
+        f"Examples takes a sequence of examples (each a grads container); got {type(value).__name__}"
+    )
+
+
+def bounds_count(got, expected):
+    return ValueError(
+        f"max_norm holds {got} bounds; per-layer clipping takes one bound per leaf of an example "
+        f"({expected}, in flattening order), or pass one number to clip each example's global norm"
+    )
+
+
+def repeated_leaf_bounds(first, where, bound, other):
+    return ValueError(
+        f"{where} is the same array as {first} but has bound {other} where {first} has {bound}; "
+        "a repeated leaf is clipped once: give it one bound"
+    )
+
+
+def noise_needs_finite_bound(bound):
+    return ValueError(
+        f"noise_multiplier > 0 needs finite bounds (the noise std is noise_multiplier times the bound); "
+        f"got max_norm {bound}"
+    )
+
+
+def noise_type(value):
+    return TypeError(
+        f"noise must be a gradclip.GaussianNoise (or None for a fresh one seeded from the OS); "
+        f"got {type(value).__name__}"
+    )
+
+
+def seed(value):
+    """``value`` (a GaussianNoise seed) as an int >= 0, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise TypeError(f"seed must be None or an int >= 0; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def secure_seed():
+    return ValueError(
+        "GaussianNoise(secure=True) takes no seed: its key comes from the OS's entropy (os.urandom), so "
+        "that no run can repeat it; drop seed=, or pass secure=False for a reproducible stream"
+    )
+
+
+def secure_state(method):
+    return ValueError(
+        f"GaussianNoise.{method}: a secure generator's key never leaves it and no key can be put in; "
+        "after a restart create a new GaussianNoise(secure=True)"
+    )
+
+
+def norms_vector(value):
+    """``value`` as a 1-d float64 array of norms."""
+    norms = np.asarray(value)
+    if norms.ndim != 1 or norms.dtype.kind not in "fiu":
+        raise TypeError(
+            f"norms must be a 1-d array of real numbers, one per example (e.g. stats.norms of "
+            f"clipped_sum); got {type(value).__name__} with shape {norms.shape} and dtype {norms.dtype}"
+        )
+    return norms.astype(np.float64)
+
+
+def quantile_state(name, value):
+    return ValueError(f"QuantileClipNorm.load_state_dict: {name} must be a finite number > 0; got {value!r}")
+
+
+def dp_accounting_missing(error):
+    return ImportError(
+        f"gradclip.privacy uses Google's dp-accounting, which could not be imported ({error}); install "
+        "it with: pip install 'gradclip[dp]'"
+    )
+
+
+def accountant(value):
+    if value not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be 'rdp' or 'pld'; got {value!r}")
+    return value
+
+
+def open_unit(name, value, closed_above=False):
+    """``value`` as a float in (0, 1) (or (0, 1] if ``closed_above``)."""
+    x = _real(name, value)
+    if not (0 < x < 1 or (closed_above and x == 1)):
+        raise ValueError(f"{name} must be in (0, 1{']' if closed_above else ')'}; got {value!r}")
+    return x
+
+
+_OUT_OF_PLACE_TWIN["clip_per_example_"] = "clip_per_example"  # named by raise_read_only

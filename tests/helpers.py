@@ -446,3 +446,31 @@ class ForeignArray:
             "data": (_cuda._interface(device_array)["data"][0], readonly),
             "version": 3,
         }
+
+
+# --------------------------------------------------------------------------- rounding once
+
+
+def assert_rounded_once(actual, exact, scale, terms, what="sum"):
+    """``actual`` (of a leaf dtype) is ``exact`` (float64 / complex128) rounded once to its
+    dtype, up to float64 accumulation error: it lies between the roundings of ``exact -
+    tol`` and ``exact + tol``, ``tol = terms * 2**-52 * scale`` (``scale``: the sum of the
+    terms' magnitudes, per element). A float32 sum, or a second rounding, lands outside."""
+    from reference import round_to
+
+    actual = np.asarray(actual)
+    tol = terms * 2.0**-52 * np.asarray(scale, dtype=np.float64)
+    parts = [(np.real, "real"), (np.imag, "imag")] if is_complex(actual.dtype) else [(lambda a: a, "")]
+    for part, name in parts:
+        got = np.asarray(part(actual)).astype(np.float64)
+        x = np.asarray(part(exact), dtype=np.float64)
+        real = np.dtype(part(np.zeros(1, actual.dtype)).dtype)
+        low = round_to(x - tol, real).astype(np.float64)
+        high = round_to(x + tol, real).astype(np.float64)
+        bad = ~((low <= got) & (got <= high))
+        if bad.any():
+            j = np.flatnonzero(bad.ravel())[:5]
+            raise AssertionError(
+                f"{what}{' ' + name if name else ''}: {int(bad.sum())} of {bad.size} elements not rounded once "
+                f"from the float64 sum; got {got.ravel()[j]}, exact {x.ravel()[j]}"
+            )
