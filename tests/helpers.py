@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import concurrent.futures
 import re
 
 import numpy as np
@@ -340,6 +341,30 @@ def raises_with(exc, *fragments, regex=()):
         assert f in msg, f"{f!r} not in error message {msg!r}"
     for r in regex:
         assert re.search(r, msg), f"/{r}/ does not match error message {msg!r}"
+
+
+# --------------------------------------------------------------------------- background work
+# The slowest checks run fresh interpreters that compile for minutes on one core each (the
+# PTX of every CUDA kernel, Numba's cache histories). They start as soon as they are
+# collected (`pytest_collection_finish` in conftest.py calls each test module's
+# ``start_in_background``) and run one at a time beside the rest of the suite, which
+# leaves a core idle most of the time.
+
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradclip-background")
+_JOBS = {}
+
+
+def in_background(key, function, *args):
+    """The future of ``function(*args)`` on the background thread, submitted by the first
+    caller for ``key`` (at collection, or by the test itself when run alone)."""
+    if key not in _JOBS:
+        _JOBS[key] = _BACKGROUND.submit(function, *args)
+    return _JOBS[key]
+
+
+def stop_background():
+    """Drop background jobs not started yet (an interrupted or failing session)."""
+    _BACKGROUND.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- device arrays

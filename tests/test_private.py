@@ -20,7 +20,6 @@ from helpers import (
     dtypes,
     layouts,
     raises_with,
-    random_values,
 )
 from reference import (
     is_complex,
