@@ -731,3 +731,93 @@ def open_unit(name, value, closed_above=False):
 
 
 _OUT_OF_PLACE_TWIN["clip_per_example_"] = "clip_per_example"  # named by raise_read_only
+
+
+# --------------------------------------------------------------------------- ghost norms
+
+GHOST_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def ghost_cuda(name, array, function):
+    return NotImplementedError(
+        f"{name} is a CUDA array ({type(array).__module__}.{type(array).__name__}) and {function} "
+        "has CPU kernels only for now; pass host arrays (e.g. tensor.cpu(), cupy.asnumpy(x), "
+        "jax.device_get(x))"
+    )
+
+
+def ghost_dtype(name, dtype, function):
+    """``dtype`` (of ``name``) is one of `GHOST_DTYPES`, native."""
+    if dtype.name not in GHOST_DTYPES or not dtype.isnative:
+        raise TypeError(
+            f"{name} has dtype {dtype}; {function} expects a real floating dtype, one of "
+            f"{', '.join(GHOST_DTYPES)} in native byte order (convert it, e.g. with .astype(np.float32))"
+        )
+
+
+def ghost_indices_dtype(dtype):
+    if dtype.kind not in "iu":
+        raise TypeError(
+            f"indices has dtype {dtype}; embedding_sq_norms expects integer token indices "
+            "(convert them, e.g. with .astype(np.int64))"
+        )
+
+
+def dense_shapes(activations, output_grads):
+    """``activations`` / ``output_grads`` shapes are (B, d_in) / (B, d_out) or
+    (B, T, d_in) / (B, T, d_out)."""
+    if len(activations) not in (2, 3) or len(output_grads) != len(activations) or (
+        activations[:-1] != output_grads[:-1]
+    ):
+        raise ValueError(
+            f"activations has shape {activations} and output_grads {output_grads}; expected "
+            "(B, d_in) and (B, d_out), or (B, T, d_in) and (B, T, d_out): the layer's input and the "
+            "gradient of the loss with respect to its output, with the same batch (and sequence) axes"
+        )
+
+
+def embedding_shapes(indices, output_grads):
+    """``indices`` / ``output_grads`` shapes are (B,) / (B, d) or (B, T) / (B, T, d)."""
+    if len(indices) not in (1, 2) or len(output_grads) != len(indices) + 1 or indices != output_grads[:-1]:
+        raise ValueError(
+            f"indices has shape {indices} and output_grads {output_grads}; expected (B,) and "
+            "(B, d), or (B, T) and (B, T, d): the embedding's input indices and the gradient of the "
+            "loss with respect to its output"
+        )
+
+
+def per_example_leaf(where, shape, batch):
+    """A stacked per-example leaf: at least one axis, of length ``batch`` (None: the first leaf's)."""
+    if not shape:
+        raise ValueError(
+            f"{where()} is 0-d; per-example gradients are stacked on axis 0 (shape (B, ...)), "
+            "one row per example"
+        )
+    if batch is not None and shape[0] != batch:
+        raise ValueError(
+            f"{where()} has {shape[0]} examples on axis 0 (shape {shape}) but the first leaf has "
+            f"{batch}; every leaf must stack the same examples"
+        )
+
+
+def no_per_example_leaves():
+    return ValueError(
+        "grads holds no arrays; expected per-example gradients stacked on axis 0, e.g. from "
+        "torch.func.vmap(torch.func.grad(f)) or jax.vmap(jax.grad(f))"
+    )
+
+
+def sq_norms(shape, dtype):
+    """``sq_norms`` is a 1-d real array."""
+    if len(shape) != 1 or dtype.kind not in "fiu":
+        raise ValueError(
+            f"sq_norms has shape {shape} and dtype {dtype}; expected a 1-d array of real squared "
+            "norms, one per example (e.g. from dense_sq_norms)"
+        )
+
+
+def negative_sq_norm(position, value):
+    return ValueError(
+        f"sq_norms[{position}] is {value!r}; squared norms are >= 0 (NaN and inf are allowed: "
+        "such an example gets the factor 0)"
+    )
