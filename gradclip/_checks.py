@@ -821,3 +821,77 @@ def negative_sq_norm(position, value):
         f"sq_norms[{position}] is {value!r}; squared norms are >= 0 (NaN and inf are allowed: "
         "such an example gets the factor 0)"
     )
+
+
+def ghost_model(model):
+    if not hasattr(model, "modules") or not hasattr(model, "register_forward_hook"):
+        raise TypeError(f"GhostClipping takes a torch.nn.Module; got {type(model).__name__}")
+
+
+def ghost_tied(parameter_name, first, second):
+    return ValueError(
+        f"parameter {parameter_name} belongs to both {first} and {second}; ghost norms need each "
+        "trainable parameter in one module (a tied weight's per-example norm has cross terms): "
+        "untie it, or freeze it with requires_grad_(False)"
+    )
+
+
+def ghost_unsupported(name, module, why):
+    return NotImplementedError(
+        f"{name} ({type(module).__name__}) {why}; GhostClipping cannot give its per-example "
+        "gradient norms: replace the layer, or freeze its parameters with requires_grad_(False)"
+    )
+
+
+def ghost_losses(losses):
+    """``losses`` is a 1-d tensor of per-example losses that requires grad."""
+    import torch
+
+    if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or not losses.requires_grad:
+        what = (
+            f"a tensor of shape {tuple(losses.shape)}, requires_grad={losses.requires_grad}"
+            if isinstance(losses, torch.Tensor)
+            else type(losses).__name__
+        )
+        raise ValueError(
+            f"losses must be a 1-d tensor of per-example losses that requires grad (e.g. "
+            f"loss_fn(model(x), y) with reduction='none'); got {what}"
+        )
+
+
+def ghost_no_forward():
+    return RuntimeError(
+        "GhostClipping.factors: no forward pass was recorded; call the model (with gradients "
+        "enabled) on the batch first, then pass its per-example losses"
+    )
+
+
+def ghost_not_run(name, module):
+    return RuntimeError(
+        f"{name} ({type(module).__name__}) has trainable parameters but its forward did not run "
+        "in this step, so its gradient norms would be missing (a parent module may use its "
+        "weights directly, as nn.MultiheadAttention does with out_proj); freeze it with "
+        "requires_grad_(False), or remove it if it is unused"
+    )
+
+
+def ghost_batch(name, shape, batch):
+    return ValueError(
+        f"{name} got an input of shape {shape}, but losses has {batch} examples; every layer "
+        "must see the examples on axis 0 of its inputs (batch_first) and the same B"
+    )
+
+
+def ghost_modified(name):
+    return RuntimeError(
+        f"the output of {name} was modified in place after the layer ran (e.g. by "
+        "ReLU(inplace=True)), so its output gradient cannot be read; make that operation "
+        "out of place"
+    )
+
+
+def ghost_output(name, output):
+    return NotImplementedError(
+        f"{name} returned {type(output).__name__}; GhostClipping reads per-example gradients of "
+        "layers that return one tensor"
+    )

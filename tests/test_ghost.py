@@ -328,3 +328,188 @@ def test_errors(rng, call, error, fragments):
     with raises_with(error, *fragments):
         call(a, g)
     frozen.check()
+
+
+# --------------------------------------------------------------------------- gradclip.torch.GhostClipping
+
+import copy  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gradclip.torch as gct  # noqa: E402
+
+
+class TokenNet(nn.Module):
+    """Embedding -> Linear -> tanh -> LayerNorm -> mean over the sequence -> Linear: ghost
+    norms for the embedding and both linears (with and without a sequence axis), the
+    materialised route for the layer norm; ``shared`` runs one Linear twice."""
+
+    def __init__(self, vocab=23, d=8, h=16, classes=3, padding_idx=None, shared=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.fc1 = nn.Linear(d, h)
+        self.norm = nn.LayerNorm(h)
+        self.fc2 = nn.Linear(h, classes)
+        self.shared = nn.Linear(h, h) if shared else None
+
+    def forward(self, idx):
+        x = self.norm(torch.tanh(self.fc1(self.emb(idx))))
+        if self.shared is not None:
+            x = self.shared(torch.tanh(self.shared(x)))
+        return self.fc2(x.mean(dim=1))
+
+
+def token_batch(rng, B=6, T=7, vocab=23, classes=3):
+    idx = torch.from_numpy(rng.integers(0, vocab, (B, T)))
+    idx[:, 3] = idx[:, 1]  # repeated indices in every example
+    return idx, torch.from_numpy(rng.integers(0, classes, B))
+
+
+def per_example_reference(model, idx, y):
+    """Each example's gradient of its own loss, by torch.func over the whole model."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p, idx_i, y_i):
+        return F.cross_entropy(torch.func.functional_call(model, p, (idx_i[None],)), y_i[None])
+
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, y)
+
+
+def ghost_step(model, idx, y, max_norm):
+    ghost = gct.GhostClipping(model, max_norm)
+    losses = F.cross_entropy(model(idx), y, reduction="none")
+    factors = ghost.factors(losses)
+    (factors * losses).sum().backward()
+    return ghost, factors
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"padding_idx": 2}, {"shared": True}], ids=["plain", "padding_idx", "shared_layer"]
+)
+def test_ghost_clipping_matches_per_example_gradients_in_float64(rng, options):
+    torch.manual_seed(0)
+    model = TokenNet(**options).double()
+    idx, y = token_batch(rng)
+    idx[0, :3] = 2  # padding positions (when there is a padding index)
+    per_example = per_example_reference(model, idx, y)
+    sq = sum((g.reshape(len(y), -1) ** 2).sum(dim=1) for g in per_example.values()).numpy()
+    max_norm = float(np.median(np.sqrt(sq)))
+    ghost, factors = ghost_step(model, idx, y, max_norm)
+    np.testing.assert_allclose(ghost.norms.numpy(), np.sqrt(sq), rtol=1e-10)
+    expected = np.minimum(1.0, max_norm / (np.sqrt(sq) + 1e-6))
+    np.testing.assert_allclose(factors.numpy(), expected, rtol=1e-10)
+    assert (expected < 1).any() and (expected == 1).any()
+    for name, p in model.named_parameters():
+        clipped_sum = torch.tensordot(torch.from_numpy(expected), per_example[name], dims=1)
+        np.testing.assert_allclose(p.grad.numpy(), clipped_sum.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # Opacus' hooks on the embedding
+def test_ghost_clipping_matches_opacus(rng):
+    """Opacus' grad_sample_mode="ghost" on the same model and batch: per-example norms to
+    float32 rounding, and the clipped, summed gradient after the second backward."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    torch.manual_seed(1)
+    model = TokenNet()
+    theirs = copy.deepcopy(model)
+    idx, y = token_batch(rng, B=8, T=9)
+    probe_model = copy.deepcopy(model)
+    probe = gct.GhostClipping(probe_model, 1.0)
+    probe.factors(F.cross_entropy(probe_model(idx), y, reduction="none"))
+    max_norm = float(probe.norms.median())
+
+    ghost, factors = ghost_step(model, idx, y, max_norm)
+
+    wrapped = GradSampleModuleFastGradientClipping(
+        theirs, max_grad_norm=max_norm, use_ghost_clipping=True, loss_reduction="sum"
+    )
+    losses = F.cross_entropy(wrapped(idx), y, reduction="none")
+    losses.sum().backward(retain_graph=True)
+    coef = wrapped.get_clipping_coef()
+    for p in theirs.parameters():
+        p.grad = None
+    wrapped.disable_hooks()
+    (coef * losses).sum().backward()
+
+    np.testing.assert_allclose(ghost.norms.numpy(), wrapped.per_sample_gradient_norms.double().numpy(), rtol=2e-6)
+    np.testing.assert_allclose(factors.numpy(), coef.numpy(), rtol=2e-6)
+    assert (coef < 1).any() and (coef == 1).any()
+    for (name, mine), other in zip(model.named_parameters(), theirs.parameters()):
+        np.testing.assert_allclose(mine.grad.numpy(), other.grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_ghost_clipping_frozen_weight_and_no_sequence_axis(rng):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model[0].weight.requires_grad_(False)  # its bias alone is trained
+    x, y = torch.from_numpy(rng.standard_normal((5, 5))), torch.from_numpy(rng.integers(0, 3, 5))
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    per_example = torch.func.vmap(
+        torch.func.grad(lambda p, x_i, y_i: F.cross_entropy(torch.func.functional_call(model, p, (x_i[None],)), y_i[None])),
+        in_dims=(None, 0, 0),
+    )(params, x, y)
+    sq = sum((g.reshape(5, -1) ** 2).sum(dim=1) for g in per_example.values())
+    ghost = gct.GhostClipping(model, 0.1)
+    ghost.factors(F.cross_entropy(model(x), y, reduction="none"))
+    np.testing.assert_allclose(ghost.norms.numpy(), sq.sqrt().numpy(), rtol=1e-10)
+
+
+def test_ghost_clipping_errors_leave_the_recording(rng):
+    model = TokenNet()
+    idx, y = token_batch(rng)
+    ghost = gct.GhostClipping(model, 1.0)
+    with raises_with(RuntimeError, "no forward pass was recorded"):
+        ghost.factors(torch.zeros(6, requires_grad=True))
+    losses = F.cross_entropy(model(idx), y, reduction="none")
+    for bad, fragment in [
+        (losses.sum(), "1-d tensor"),
+        (losses.detach(), "requires_grad=False"),
+        (np.zeros(6), "got ndarray"),
+    ]:
+        with raises_with(ValueError, fragment):
+            ghost.factors(bad)
+    with raises_with(ValueError, "model.emb got an input of shape (6, 7)", "losses has 4 examples"):
+        ghost.factors(losses[:4])
+    factors = ghost.factors(losses)  # the recording survived the refused calls
+    assert factors.shape == (6,)
+    with raises_with(RuntimeError, "no forward pass was recorded"):
+        ghost.factors(losses)  # a recording is used once
+    ghost.remove()
+    model(idx)
+    with raises_with(RuntimeError, "no forward pass was recorded"):
+        ghost.factors(F.cross_entropy(model(idx), y, reduction="none"))
+
+
+def test_ghost_clipping_refuses_models_it_cannot_measure(rng):
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with raises_with(ValueError, "model.1.weight belongs to both model.0 and model.1", "untie"):
+        gct.GhostClipping(tied, 1.0)
+    with raises_with(NotImplementedError, "model.1 (BatchNorm1d)", "mixes examples"):
+        gct.GhostClipping(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), 1.0)
+    with raises_with(NotImplementedError, "model (Embedding)", "index counts"):
+        gct.GhostClipping(nn.Embedding(5, 2, scale_grad_by_freq=True), 1.0)
+    with raises_with(TypeError, "takes a torch.nn.Module"):
+        gct.GhostClipping([nn.Linear(2, 2)], 1.0)
+    with raises_with(ValueError, "max_norm must be >= 0"):
+        gct.GhostClipping(nn.Linear(2, 2), -1.0)
+
+    inplace = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    ghost = gct.GhostClipping(inplace, 1.0)
+    with raises_with(RuntimeError, "output of model.0 was modified in place"):
+        ghost.factors(inplace(torch.ones(2, 3)).sum(dim=1))
+
+    attention = nn.MultiheadAttention(4, 2, batch_first=True)
+    gct.GhostClipping(attention.out_proj, 1.0)  # a Linear subclass that keeps Linear's forward: a ghost norm
+    ghost = gct.GhostClipping(attention, 1.0)
+    x = torch.ones(2, 3, 4)
+    with raises_with(NotImplementedError, "model returned tuple", "one tensor"):
+        attention(x, x, x)
+    ghost.remove()
+
+    spare = nn.ModuleDict({"used": nn.Linear(3, 1), "spare": nn.Linear(3, 1)})
+    ghost = gct.GhostClipping(spare, 1.0)
+    with raises_with(RuntimeError, "model.spare (Linear) has trainable parameters but its forward did not run"):
+        ghost.factors(spare["used"](torch.ones(2, 3)).sum(dim=1))
