@@ -32,19 +32,20 @@ from .cpu import FAST, _widen, sumsq_cpu
 MR = 3
 """Rows and columns of `_dots`' register block; packed operands have a multiple of MR rows."""
 
-BLOCK = 48
+BLOCK = 84
 """Rows of a packed operand (T rows for the Gram route, features for the direct route)."""
 
-KC = 512
+KC = 320
 """Elements of the summed axis per packed chunk: two operands of BLOCK x KC float64 fit in L2."""
 
 
 @njit(fastmath=FAST, cache=True)
-def _dots(x, y, k, out):
+def _dots(x, y, k, out, upper):
     """``out[p, q] += x[p, :k] · y[q, :k]`` for float64 ``x`` (P, KC) and ``y`` (Q, KC), P and Q
-    multiples of 3: nine dot products at a time, each element loaded once for three."""
+    multiples of 3: nine dot products at a time, each element loaded once for three.
+    ``upper``: ``y`` is ``x``, and only the 3 x 3 blocks on and above the diagonal are made."""
     for p in range(0, x.shape[0], MR):
-        for q in range(0, y.shape[0], MR):
+        for q in range(p if upper else 0, y.shape[0], MR):
             s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = 0.0
             for j in range(k):
                 x0, x1, x2 = x[p, j], x[p + 1, j], x[p + 2, j]
@@ -69,12 +70,15 @@ def _dots(x, y, k, out):
             out[p + 2, q + 2] += s22
 
 
-@njit(cache=True)
+@njit(fastmath=FAST, cache=True)
 def _pack_rows(src, i, r0, n, k0, k, out):
-    """``out[r, j] = src[i, r0 + r, k0 + j]`` for ``r < n``, ``j < k`` (rows: T, summed: features)."""
+    """``out[r, j] = src[i, r0 + r, k0 + j]`` for ``r < n``, ``j < k`` (rows: T, summed: features).
+    Row slices first: indexing ``src`` per element kept the loop from vectorising (3x slower)."""
     for r in range(n):
+        source = src[i, r0 + r, k0 : k0 + k]
+        row = out[r, :k]
         for j in range(k):
-            out[r, j] = _widen(src[i, r0 + r, k0 + j])
+            row[j] = _widen(source[j])
 
 
 @njit(cache=True)
@@ -106,16 +110,17 @@ def _pack_block(src, i, t0, n, out):
 @njit(cache=True)
 def _gram_tile(x, src, i, s0, ns, y, out):
     """``out[p, q] = x_p · src[i, s0 + q]``: ``x`` a row block packed by `_pack_block`, the
-    other block packed chunk by chunk into ``y``; ``x`` itself where ``y`` is None."""
+    other block packed chunk by chunk into ``y``; ``x`` itself where ``y`` is None, and
+    then only the 3 x 3 blocks on and above the diagonal (the others stay 0)."""
     out[:] = 0.0
     d = src.shape[2]
     for c in range(x.shape[0]):
         k = min(KC, d - c * KC)
         if y is None:
-            _dots(x[c], x[c], k, out)
+            _dots(x[c], x[c], k, out, True)
         else:
             _pack_rows(src, i, s0, ns, c * KC, k, y)
-            _dots(x[c], y, k, out)
+            _dots(x[c], y, k, out, False)
 
 
 @njit(cache=True)
@@ -146,11 +151,12 @@ def _gram_item(a, g, i, tb, blocks, xa, xg, y, aa, gg):
         b = 0.0
         for p in range(rows):
             for q in range(rows):
-                w += aa[p, q] * gg[p, q]
-                b += gg[p, q]
-        twice = 1.0 if sb == tb else 2.0  # an off-diagonal tile stands for its mirror image too
-        weight += twice * w
-        bias += twice * b
+                # an entry off the diagonal 3 x 3 blocks stands for its mirror image too
+                twice = 1.0 if sb == tb and p // MR == q // MR else 2.0
+                w += twice * aa[p, q] * gg[p, q]
+                b += twice * gg[p, q]
+        weight += w
+        bias += b
     return weight, bias
 
 
@@ -178,7 +184,7 @@ def _direct_item(a, g, i, ob, x, y, tiles, column):
             ni = min(rows_in, d_in - i0)
             y[ni:] = 0.0
             _pack_columns(a, i, i0, ni, k0, k, y)
-            _dots(x, y, k, tiles[ib])
+            _dots(x, y, k, tiles[ib], False)
     weight = 0.0
     for ib in range(tiles.shape[0]):
         for p in range(rows_out):
