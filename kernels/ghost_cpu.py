@@ -35,6 +35,10 @@ MR = 3
 BLOCK = 84
 """Rows of a packed operand (T rows for the Gram route, features for the direct route)."""
 
+OUT_BLOCK = 2 * BLOCK
+"""Output rows of a direct-route item: each item packs all of A's columns once, so more
+rows per item pack A fewer times (its tiles then take OUT_BLOCK x d_in float64)."""
+
 KC = 320
 """Elements of the summed axis per packed chunk: two operands of BLOCK x KC float64 fit in L2."""
 
@@ -91,10 +95,10 @@ def _pack_columns(src, i, r0, n, k0, k, out):
 
 
 @njit(cache=True)
-def _split(n):
+def _split(n, block):
     """``(blocks, rows)``: ``n`` rows cut into ``blocks`` blocks of ``rows`` (a multiple of MR,
-    at most BLOCK), the last one shorter; even blocks waste less padding than full ones."""
-    blocks = -(-n // BLOCK)
+    at most ``block``), the last one shorter; even blocks waste less padding than full ones."""
+    blocks = -(-n // block)
     rows = -(-n // blocks)
     return blocks, -(-rows // MR) * MR
 
@@ -201,7 +205,7 @@ def _dense_gram(a, g, threads, out):
     """``out[i] = (weight, bias)`` squared norms by the Gram route; one item per row block,
     the items dealt round-robin to ``threads`` workers, each with its own scratch."""
     B = a.shape[0]
-    m, rows = _split(a.shape[1])
+    m, rows = _split(a.shape[1], BLOCK)
     xa = np.empty((threads, -(-a.shape[2] // KC), rows, KC))
     xg = np.empty((threads, -(-g.shape[2] // KC), rows, KC))
     y = np.empty((threads, rows, KC))
@@ -221,8 +225,8 @@ def _dense_direct(a, g, threads, out):
     """``out[i] = (weight, bias)`` squared norms by the direct route; one item per block of
     output rows, dealt as in `_dense_gram`."""
     B = a.shape[0]
-    m, rows_out = _split(g.shape[2])
-    n_in, rows_in = _split(a.shape[2])
+    m, rows_out = _split(g.shape[2], OUT_BLOCK)
+    n_in, rows_in = _split(a.shape[2], BLOCK)
     x = np.empty((threads, rows_out, KC))
     y = np.empty((threads, rows_in, KC))
     tiles = np.empty((threads, n_in, rows_out, rows_in))
