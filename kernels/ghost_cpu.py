@@ -8,19 +8,22 @@ per-example batch is a C-contiguous ``(B, n)`` array. Results go to a float64 ``
 
 Dense layers, example ``i`` with ``A = a[i]``, ``G = g[i]`` and weight gradient ``GᵀA``:
 
-- the *Gram route* sums ``(a_t·a_s)(g_t·g_s)`` over ``t, s``: tiles of the two T x T
-  Gram matrices, upper triangle only (an off-diagonal tile counts twice), each
-  ``BLOCK`` x ``BLOCK``; cost ``T²(d_in + d_out) / 2`` multiply-adds;
-- the *direct route* forms ``GᵀA`` in ``BLOCK`` x ``BLOCK`` tiles (``d_out`` rows x
-  ``d_in`` columns) and sums their squares; cost ``T·d_in·d_out``.
+- the *Gram route* sums ``(a_t·a_s)(g_t·g_s)`` over ``t, s`` from tiles of the two
+  T x T Gram matrices, ``BLOCK`` x ``BLOCK``, upper triangle only (a tile, or a 3 x 3
+  block of a diagonal tile, off the diagonal counts twice); cost
+  ``T²(d_in + d_out) / 2`` multiply-adds. A work item is a block of T rows against the
+  blocks after it;
+- the *direct route* forms ``GᵀA`` in tiles of ``OUT_BLOCK`` output rows x ``BLOCK``
+  input columns and sums their squares; cost ``T·d_in·d_out``. A work item is a block
+  of output rows against every input column.
 
-Either way a work item is one tile (one pair of row blocks), made by `_dots` from
-operands packed to float64 in chunks of ``KC`` along the summed axis (features for
-the Gram route, T for the direct one), so an item's memory is a few hundred KB whatever
-the shapes. Items run under ``prange``; each writes its own partial, and the partials
-of an example are folded in item order: results are bit-identical for any thread count.
-Products and sums are float64 (float32 products are exact in float64); a route's only
-error is float64 rounding in its sums.
+Tiles are made by `_dots` from operands packed to float64 in chunks of ``KC`` along
+the summed axis (features for the Gram route, T for the direct one), so an item's
+scratch is about a megabyte whatever T is (one set per thread, made once per call).
+Items are dealt round-robin to the threads; each writes its own partial, and the
+partials of an example are folded in item order: results are bit-identical for any
+thread count. Products and sums are float64 (float32 products are exact in float64);
+a route's only error is float64 rounding in its sums.
 """
 
 import numba
