@@ -91,7 +91,7 @@ def _pack_rows(src, i, r0, n, k0, k, out):
 @njit(cache=True)
 def _pack_columns(src, i, r0, n, k0, k, out):
     """``out[r, j] = src[i, k0 + j, r0 + r]`` for ``r < n``, ``j < k`` (rows: features, summed: T).
-    Writes run along ``out``'s rows: a walk down its columns (4 KB apart) thrashes L1."""
+    Writes run along ``out``'s rows: a walk down its columns (KC float64 apart) thrashes L1."""
     for r in range(n):
         for j in range(k):
             out[r, j] = _widen(src[i, k0 + j, r0 + r])
