@@ -533,3 +533,25 @@ def test_jax_example_matches_per_example_gradients():
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, last = proc.stdout.splitlines()[-1].split(": mean loss ")[1].split(" -> ")
     assert float(last) < float(first)
+
+
+def test_ghost_clipping_gives_clipped_sum_and_its_noise(rng):
+    """The second backward's gradients equal SPEC §9's clipped_sum of the materialised
+    per-example gradients (same factors, same norms), and add_noise_ on them equals
+    clipped_sum's noise drawn from the same stream."""
+    torch.manual_seed(3)
+    model = TokenNet().double()
+    idx, y = token_batch(rng)
+    per_example = per_example_reference(model, idx, y)
+    max_norm = 0.5
+    total, stats = gc.clipped_sum(dict(per_example), max_norm)
+    ghost, _ = ghost_step(model, idx, y, max_norm)
+    np.testing.assert_allclose(ghost.norms.numpy(), stats.norms, rtol=1e-10)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), total[name].numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+    noisy, _ = gc.clipped_sum(dict(per_example), max_norm, noise_multiplier=1.3, noise=gc.GaussianNoise(7))
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    gc.add_noise_(grads, 1.3 * max_norm, gc.GaussianNoise(7))
+    for name in grads:
+        np.testing.assert_allclose(grads[name].numpy(), noisy[name].numpy(), rtol=1e-9, atol=1e-9, err_msg=name)
