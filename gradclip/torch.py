@@ -268,8 +268,10 @@ class GhostClipping:
     -----
     A module called several times in one forward pass (a layer shared across time
     steps) counts once, with the gradients of all its calls: its calls' sequences are
-    joined for the ghost norms, its per-example gradients summed otherwise. CPU tensors
-    only for now (the array functions' GPU kernels are not there yet).
+    joined for the ghost norms, its per-example gradients summed otherwise. Every
+    forward call made with gradients enabled is recorded until `factors` reads it, so
+    run other passes (evaluation) under ``torch.no_grad()``, or call `remove`. CPU
+    tensors only for now (the array functions' GPU kernels are not there yet).
 
     Examples
     --------
