@@ -5,7 +5,8 @@ Run ``make bench`` (``BENCH_ARGS="--quick"`` etc.) or ``.venv/bin/python bench/r
     --quick          W1 at 16M elements, 3 repeats for the big workloads, and the
                      others stop after 3 once an operation has taken QUICK_BUDGET_S
     --only W2,W4     only these workloads or families (W2 = W2, W2-bf16, W2-fp16;
-                     WD = the private-training workloads WD1-WD3 and WN)
+                     WD = the private-training workloads WD1-WD3 and WN; G1..G3 or
+                     "ghost": the ghost-norm rows against Opacus, ghost.py)
     --repeats N      repeats for every workload (default 7; see --quick)
     --markdown       print GitHub-markdown tables instead of fixed-width ones
     --plot PATH      bar chart of GB/s (needs matplotlib)
@@ -80,6 +81,8 @@ from workloads import (
     reference_norm,
 )
 
+import ghost  # ghost norms against Opacus (issue 16): their own workloads, table and record entry
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 TORCH_REFERENCE = "torch foreach=True"
@@ -122,13 +125,17 @@ def parse_args(argv):
 
 
 def selected_workloads(parser, args):
-    """``(workloads, private workloads)`` selected by ``--only``."""
+    """``(workloads, private workloads, ghost workloads)`` selected by ``--only``."""
     tokens = {token.strip().lower() for token in args.only.split(",") if token.strip()}
     workloads, private = all_workloads(args.quick), private_workloads()
-    known = {name for w in workloads + private for name in (w.name.lower(), w.family.lower())}
+    known = {name for w in workloads + private for name in (w.name.lower(), w.family.lower())} | ghost.names()
     if tokens - known:
         parser.error(f"unknown workload(s) {sorted(tokens - known)}; choose from {sorted(known)}")
-    return [w for w in workloads if w.selected_by(tokens)], [w for w in private if w.selected_by(tokens)]
+    return (
+        [w for w in workloads if w.selected_by(tokens)],
+        [w for w in private if w.selected_by(tokens)],
+        ghost.selected(tokens or {"ghost"}),
+    )
 
 
 def repeats_for(workload, args):
@@ -452,7 +459,7 @@ def machine_info(git_revision, load_at_start):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    workloads, private = selected_workloads(parser, args)
+    workloads, private, ghost_workloads = selected_workloads(parser, args)
     contenders, torch_note = all_contenders()
     if torch_note:
         progress(torch_note)
@@ -467,6 +474,8 @@ def main(argv=None):
     private_results = [
         measure_private_workload(w, privates, args.repeats or (3 if args.quick else 7), budget_s) for w in private
     ]
+    ghost_repeats = args.repeats or (ghost.QUICK_REPEATS if args.quick else ghost.REPEATS)
+    ghost_results = [ghost.measure(w, ghost_repeats, progress) for w in ghost_workloads]
     cold_start, cold_start_failure = None, None
     if not args.no_cold_start:
         progress("cold start: fresh interpreters")
@@ -499,11 +508,17 @@ def main(argv=None):
         "workloads": results,
         "private": private_results,
         "cold_start": cold_start,
+        "ghost": ghost_results,
     }
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, started.strftime("%Y%m%dT%H%M%SZ") + ".json")
     report.write_json(record, path)
-    print(report.render(record, markdown=args.markdown))
+    if results or private_results or not ghost_results:
+        print(report.render(record, markdown=args.markdown))
+    else:
+        print(report.machine_summary(record))
+    if ghost_results:
+        print("\n" + ghost.render(ghost_results, markdown=args.markdown))
     if args.plot:
         print(report.plot(record, args.plot))
     progress(f"done; every figure is in {os.path.relpath(path)}")

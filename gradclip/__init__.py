@@ -19,6 +19,7 @@ from .clip import (
     clip_grads_with_norm_,
 )
 from .finite import all_finite, zero_nonfinite_
+from .ghost import clip_factors, dense_sq_norms, embedding_sq_norms, sq_norms_from_per_example
 from .monitor import NormMonitor
 from .noise import GaussianNoise
 from .norms import grad_norm, layer_norms
@@ -51,6 +52,7 @@ __all__ = [
     "add_noise_",
     "adaptive_grad_clip_",
     "all_finite",
+    "clip_factors",
     "clip_per_example",
     "clip_per_example_",
     "clipped_sum",
@@ -60,10 +62,13 @@ __all__ = [
     "clip_grad_value",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "dense_sq_norms",
+    "embedding_sq_norms",
     "grad_norm",
     "layer_norms",
     "norm_penalty",
     "per_example_norms",
     "privacy",
+    "sq_norms_from_per_example",
     "zero_nonfinite_",
 ]

@@ -731,3 +731,167 @@ def open_unit(name, value, closed_above=False):
 
 
 _OUT_OF_PLACE_TWIN["clip_per_example_"] = "clip_per_example"  # named by raise_read_only
+
+
+# --------------------------------------------------------------------------- ghost norms
+
+GHOST_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def ghost_cuda(name, array, function):
+    return NotImplementedError(
+        f"{name} is a CUDA array ({type(array).__module__}.{type(array).__name__}) and {function} "
+        "has CPU kernels only for now; pass host arrays (e.g. tensor.cpu(), cupy.asnumpy(x), "
+        "jax.device_get(x))"
+    )
+
+
+def ghost_dtype(name, dtype, function):
+    """``dtype`` (of ``name``) is one of `GHOST_DTYPES`, native."""
+    if dtype.name not in GHOST_DTYPES or not dtype.isnative:
+        raise TypeError(
+            f"{name} has dtype {dtype}; {function} expects a real floating dtype, one of "
+            f"{', '.join(GHOST_DTYPES)} in native byte order (convert it, e.g. with .astype(np.float32))"
+        )
+
+
+def ghost_indices_dtype(dtype):
+    if dtype.kind not in "iu":
+        raise TypeError(
+            f"indices has dtype {dtype}; embedding_sq_norms expects integer token indices "
+            "(convert them, e.g. with .astype(np.int64))"
+        )
+
+
+def dense_shapes(activations, output_grads):
+    """``activations`` / ``output_grads`` shapes are (B, d_in) / (B, d_out) or
+    (B, T, d_in) / (B, T, d_out)."""
+    if len(activations) not in (2, 3) or len(output_grads) != len(activations) or (
+        activations[:-1] != output_grads[:-1]
+    ):
+        raise ValueError(
+            f"activations has shape {activations} and output_grads {output_grads}; expected "
+            "(B, d_in) and (B, d_out), or (B, T, d_in) and (B, T, d_out): the layer's input and the "
+            "gradient of the loss with respect to its output, with the same batch (and sequence) axes"
+        )
+
+
+def embedding_shapes(indices, output_grads):
+    """``indices`` / ``output_grads`` shapes are (B,) / (B, d) or (B, T) / (B, T, d)."""
+    if len(indices) not in (1, 2) or len(output_grads) != len(indices) + 1 or indices != output_grads[:-1]:
+        raise ValueError(
+            f"indices has shape {indices} and output_grads {output_grads}; expected (B,) and "
+            "(B, d), or (B, T) and (B, T, d): the embedding's input indices and the gradient of the "
+            "loss with respect to its output"
+        )
+
+
+def per_example_leaf(where, shape, batch):
+    """A stacked per-example leaf: at least one axis, of length ``batch`` (None: the first leaf's)."""
+    if not shape:
+        raise ValueError(
+            f"{where()} is 0-d; per-example gradients are stacked on axis 0 (shape (B, ...)), "
+            "one row per example"
+        )
+    if batch is not None and shape[0] != batch:
+        raise ValueError(
+            f"{where()} has {shape[0]} examples on axis 0 (shape {shape}) but the first leaf has "
+            f"{batch}; every leaf must stack the same examples"
+        )
+
+
+def no_per_example_leaves():
+    return ValueError(
+        "grads holds no arrays; expected per-example gradients stacked on axis 0, e.g. from "
+        "torch.func.vmap(torch.func.grad(f)) or jax.vmap(jax.grad(f))"
+    )
+
+
+def sq_norms(shape, dtype):
+    """``sq_norms`` is a 1-d real array."""
+    if len(shape) != 1 or dtype.kind not in "fiu":
+        raise ValueError(
+            f"sq_norms has shape {shape} and dtype {dtype}; expected a 1-d array of real squared "
+            "norms, one per example (e.g. from dense_sq_norms)"
+        )
+
+
+def negative_sq_norm(position, value):
+    return ValueError(
+        f"sq_norms[{position}] is {value!r}; squared norms are >= 0 (NaN and inf are allowed: "
+        "such an example gets the factor 0)"
+    )
+
+
+def ghost_model(model):
+    if not hasattr(model, "modules") or not hasattr(model, "register_forward_hook"):
+        raise TypeError(f"GhostClipping takes a torch.nn.Module; got {type(model).__name__}")
+
+
+def ghost_tied(parameter_name, first, second):
+    return ValueError(
+        f"parameter {parameter_name} belongs to both {first} and {second}; ghost norms need each "
+        "trainable parameter in one module (a tied weight's per-example norm has cross terms): "
+        "untie it, or freeze it with requires_grad_(False)"
+    )
+
+
+def ghost_unsupported(name, module, why):
+    return NotImplementedError(
+        f"{name} ({type(module).__name__}) {why}; GhostClipping cannot give its per-example "
+        "gradient norms: replace the layer, or freeze its parameters with requires_grad_(False)"
+    )
+
+
+def ghost_losses(losses):
+    """``losses`` is a 1-d tensor of per-example losses that requires grad."""
+    import torch
+
+    if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or not losses.requires_grad:
+        what = (
+            f"a tensor of shape {tuple(losses.shape)}, requires_grad={losses.requires_grad}"
+            if isinstance(losses, torch.Tensor)
+            else type(losses).__name__
+        )
+        raise ValueError(
+            f"losses must be a 1-d tensor of per-example losses that requires grad (e.g. "
+            f"loss_fn(model(x), y) with reduction='none'); got {what}"
+        )
+
+
+def ghost_no_forward():
+    return RuntimeError(
+        "GhostClipping.factors: no forward pass was recorded; call the model (with gradients "
+        "enabled) on the batch first, then pass its per-example losses"
+    )
+
+
+def ghost_not_run(name, module):
+    return RuntimeError(
+        f"{name} ({type(module).__name__}) has trainable parameters but its forward did not run "
+        "in this step, so its gradient norms would be missing (a parent module may use its "
+        "weights directly, as nn.MultiheadAttention does with out_proj); freeze it with "
+        "requires_grad_(False), or remove it if it is unused"
+    )
+
+
+def ghost_batch(name, shape, batch):
+    return ValueError(
+        f"{name} got an input of shape {shape}, but losses has {batch} examples; every layer "
+        "must see the examples on axis 0 of its inputs (batch_first) and the same B"
+    )
+
+
+def ghost_modified(name):
+    return RuntimeError(
+        f"the output of {name} was modified in place after the layer ran (e.g. by "
+        "ReLU(inplace=True)), so its output gradient cannot be read; make that operation "
+        "out of place"
+    )
+
+
+def ghost_output(name, output):
+    return NotImplementedError(
+        f"{name} returned {type(output).__name__}; GhostClipping reads per-example gradients of "
+        "layers that return one tensor"
+    )

@@ -409,3 +409,34 @@ def ref_chacha_draws(key, first_block, blocks) -> np.ndarray:
         state = [*CHACHA_CONSTANTS, *(int(k) for k in key[:8]), b & _M32, b >> 32, int(key[8]), int(key[9])]
         words += ref_words(ref_chacha20_block(state))
     return ref_box_muller(words)
+
+
+# --------------------------------------------------------------------------- ghost norms
+
+
+def ref_dense_sq_norms(a, g, bias=False) -> np.ndarray:
+    """Squared per-example norms of a dense layer's weight (and bias) gradient, from the
+    materialised per-example gradients ``einsum('bto,bti->boi')`` in float64."""
+    a, g = widen(a), widen(g)
+    if a.ndim == 2:
+        a, g = a[:, None], g[:, None]
+    weight = np.einsum("bto,bti->boi", g, a)
+    norms = np.array([math.fsum(w.ravel() ** 2) for w in weight])
+    if bias:
+        norms += np.array([math.fsum(b**2) for b in g.sum(axis=1)])
+    return norms
+
+
+def ref_embedding_sq_norms(indices, g) -> np.ndarray:
+    """Squared per-example norms of an embedding's gradient, from the materialised
+    ``(vocab, d)`` gradient of each example (``np.add.at`` in float64)."""
+    indices, g = np.asarray(indices), widen(g)
+    if indices.ndim == 1:
+        indices, g = indices[:, None], g[:, None]
+    vocab = int(indices.max()) + 1 if indices.size else 0
+    norms = []
+    for idx, rows in zip(indices, g):
+        weight = np.zeros((vocab, g.shape[-1]))
+        np.add.at(weight, idx, rows)
+        norms.append(math.fsum(weight.ravel() ** 2))
+    return np.array(norms)
