@@ -542,8 +542,9 @@ class Plan:
             self._place(_layout(leaves, self.positions, orders, self.device))
         else:
             self._place(_rows_layout(*rows, self.positions, self.device))
-        self.table = cuda.to_device(self.host_table)
-        self.scratch = cuda.to_device(np.zeros(self.scratch_size))
+        # on the plan's stream: a copy from pageable memory is staged at once and waits for no kernel
+        self.table = cuda.to_device(self.host_table, stream=self._numba_stream())
+        self.scratch = cuda.to_device(np.zeros(self.scratch_size), stream=self._numba_stream())
         self._table, self._scratch = _buffer_of(self.table), _buffer_of(self.scratch)
         self._dense = None  # the table of dense copies, made when first asked for
         self.ids = self.pointers = None  # the cache key, set by `_PlanCache`
@@ -672,10 +673,19 @@ class Plan:
         return _buffer_of(array), array
 
     def upload(self, values):
-        """`new` holding the host array ``values`` (1-d): a host-to-device copy on the plan's stream."""
-        buffer, array = self.new(values.size, values.dtype)
-        if values.size:
-            _write(array, values, self)
+        """A `_Buffer` of device memory holding the host array ``values`` (1-d; for the
+        kernels alone), copied on the plan's stream as its table is."""
+        return _buffer_of(_cuda().to_device(values, stream=self._numba_stream()))
+
+    def filled(self, n, value):
+        """`new` of ``n`` float64 set to ``value``."""
+        buffer, array = self.new(n)
+        if self.kind == "torch" and not simulated():
+            array.fill_(value)
+        elif self.kind == "cupy" and not simulated():
+            array.fill(value)
+        else:
+            array.copy_to_device(np.full(n, value), stream=self._numba_stream())
         return buffer, array
 
     def scalar(self, array):
@@ -747,7 +757,6 @@ class Plan:
 
 
 _TORCH_OF = {
-    "int64": lambda torch: torch.int64,
     "float16": lambda torch: torch.float16,
     "bfloat16": lambda torch: torch.bfloat16,
     "float32": lambda torch: torch.float32,
@@ -1108,13 +1117,7 @@ def copy(batch):
 def on_device(batch, value):
     """A host float as a 0-d float64 array on the first GPU leaf's device, of its kind."""
     plan = batch.cuda.plan
-    buffer, out = plan.new(1)
-    if plan.kind == "torch" and not simulated():
-        out.fill_(value)
-    elif plan.kind == "cupy" and not simulated():
-        out.fill(value)
-    else:
-        out.copy_to_device(np.array([value]), stream=plan._numba_stream())
+    _, out = plan.filled(1, value)
     return plan.scalar(out)
 
 
