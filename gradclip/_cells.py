@@ -1,11 +1,13 @@
-"""A batch of examples (SPEC §9) as kernel tables of *cells*.
+"""A batch of examples (SPEC §9) as kernel tables of *cells*, on the CPU or the GPU.
 
 Cell ``(i, u)`` is example ``i``'s unique leaf ``u``. With ``B`` examples of ``U`` unique
 leaves, cell ``i * U + u`` stands where a leaf stands in a ``_batch.Batch``: the cell
 tables (``_table.Table``, one per dtype, ``seg_leaf`` holding the cell) go to the CPU
 norm and scaling kernels as they are. For the weighted sum, every leaf also has a
 `Plan`: the runs of one example's leaf, which every example shares, and each
-example's base address.
+example's base address. A batch on the GPU is planned by ``_private_cuda`` instead
+(`Cells.gpu`): this is where the device is chosen, and `Cells.twin` names the module
+of operations for it.
 
 Two batch forms, both validated here before anything runs:
 
@@ -13,11 +15,13 @@ Two batch forms, both validated here before anything runs:
   same length ``B`` (per-example gradients from ``vmap``, Opacus' ``grad_sample``);
 - *a sequence*: ``B`` grads containers with the same structure, shapes and dtypes
   (client updates), each read where it lies.
+
+A batch lives on one device: CPU and GPU leaves in one batch are refused.
 """
 
 import numpy as np
 
-from . import _batch, _checks, _table, _tree
+from . import _batch, _checks, _private_cpu, _private_cuda, _table, _tree
 
 
 class Plan:
@@ -51,18 +55,26 @@ class Cells:
     tables : the cell tables (CPU kernels).
     arrays : ``range(B * U)``: the cells' number, which is all the CPU helpers ask of it.
     plans : a `Plan` per unique leaf.
+    gpu : None on the CPU; on the GPU, the cells' plan (``_private_cuda.CellPlan``), and
+        ``tables`` and ``plans`` are None.
     """
 
     __slots__ = (
-        "batches", "stacked", "n", "treedef", "unique_of", "shapes", "dtypes", "originals", "tables", "arrays", "plans"
+        "batches", "stacked", "n", "treedef", "unique_of", "shapes", "dtypes", "originals", "tables", "arrays",
+        "plans", "gpu",
     )  # fmt: skip
 
-    def __init__(self, batches, stacked, n, shapes, dtypes, originals, tables, plans):
+    def __init__(self, batches, stacked, n, shapes, dtypes, originals, tables, plans, gpu=None):
         self.batches, self.stacked, self.n = batches, stacked, n
         self.treedef, self.unique_of = batches[0].treedef, batches[0].unique_of
         self.shapes, self.dtypes, self.originals = shapes, dtypes, originals
-        self.tables, self.plans = tables, plans
+        self.tables, self.plans, self.gpu = tables, plans, gpu
         self.arrays = range(n * len(shapes))
+
+    @property
+    def twin(self):
+        """The module of operations on these cells: ``_private_cpu`` or ``_private_cuda``."""
+        return _private_cpu if self.gpu is None else _private_cuda
 
     @property
     def leaves(self):
@@ -83,17 +95,28 @@ class Cells:
         rebuilt = [batch.rebuild() for batch in self.batches]
         return rebuilt[0] if self.stacked else rebuilt
 
-    def result(self, outputs):
-        """One example's structure holding ``outputs`` (one array per unique leaf) as the caller's kind."""
+    def result(self, outputs, example=0):
+        """The batch's structure (one example's) holding ``outputs`` (one array per unique
+        leaf) as the caller's kind: that of ``example``'s leaves."""
         from ._dispatch import like
 
-        converted = [like(original, out) for original, out in zip(self.originals, outputs)]
+        originals = self.batches[example].originals
+        converted = [like(original, out) for original, out in zip(originals, outputs)]
         return _tree.unflatten(self.treedef, [converted[u] for u in self.unique_of.tolist()])
+
+    def draw_sizes(self):
+        """The noise draws each unique leaf of one example takes: one per real number."""
+        return [int(np.prod(s)) * (2 if d.kind == "c" else 1) for s, d in zip(self.shapes, self.dtypes)]
+
+    def draw_starts(self):
+        """Where each unique leaf's draws start in a noised sum's (int64, leaf after leaf)."""
+        sizes = self.draw_sizes()
+        return (np.cumsum(sizes, dtype=np.int64) - sizes).astype(np.int64)
 
 
 def stacked(grads, function, writes):
     """The cells of a stacked batch (validated, nothing written)."""
-    return _from_stacked(_batch.collect(grads, function, writes=writes))
+    return _from_stacked(_batch.collect(grads, function, writes=writes, cuda=True))
 
 
 def sequence(examples, function, writes):
@@ -101,7 +124,8 @@ def sequence(examples, function, writes):
     batches = []
     for i, example in enumerate(examples):
         try:
-            batch = _batch.collect(example, function, writes=writes)
+            batch = _batch.collect(example, function, writes=writes, cuda=True)
+            _check_one_device(batch)
         except (TypeError, ValueError, NotImplementedError, ImportError) as error:
             raise _checks.in_example(i, error) from None
         if batches:
@@ -115,16 +139,21 @@ def sequence(examples, function, writes):
 
 
 def _from_stacked(batch):
-    arrays = [batch.arrays[u] for u in range(len(batch.arrays))]
+    _check_one_device(batch)
+    arrays = batch.unique_leaves()
     n = 0
     for u, array in enumerate(arrays):
-        if array.ndim == 0:
+        if not array.shape:
             raise _checks.no_example_axis(_tree.path(batch.treedef, _first_position(batch, u)))
         if u == 0:
             n = array.shape[0]
         elif array.shape[0] != n:
             first, where = (_tree.path(batch.treedef, _first_position(batch, v)) for v in (0, u))
             raise _checks.example_counts_differ(first, n, where, array.shape[0])
+    shapes, dtypes = [a.shape[1:] for a in arrays], [a.dtype for a in arrays]
+    if batch.cuda is not None:
+        gpu = _private_cuda.stacked(batch.cuda, n, _cell_positions(batch.unique_of, len(arrays), n))
+        return Cells([batch], True, n, shapes, dtypes, batch.originals, None, None, gpu)
     plans, rows = [], []
     for array in arrays:
         if n:
@@ -132,17 +161,37 @@ def _from_stacked(batch):
             runs = _runs(cell)
             base = array.ctypes.data + np.arange(n, dtype=np.int64) * array.strides[0]
             rows.append((*runs, base))
-            plans.append(_plan(cell, runs, base) if _no_repeats(cell) else _copied_plan(array))
+            order = _table.shared_traversal([cell])
+            plans.append(_copied_plan(array) if order is None else _plan(cell, runs, base, order))
         else:  # no example to read: only the (noise) output is planned
             plans.append(_empty_plan(array.shape[1:]))
-    tables = _stacked_tables(rows, [a.dtype for a in arrays], n)
-    shapes, dtypes = [a.shape[1:] for a in arrays], [a.dtype for a in arrays]
+    tables = _stacked_tables(rows, dtypes, n)
     return Cells([batch], True, n, shapes, dtypes, batch.originals, tables, plans)
+
+
+def _cell_positions(unique_of, leaves, n):
+    """The cells at the positions of a GPU cells' plan: every example's leaf positions
+    (``B * L``), then every example's unique leaves (``B * U``), example after example."""
+    examples = np.arange(n, dtype=np.int64)[:, None] * leaves
+    return np.concatenate([(examples + unique_of).ravel(), (examples + np.arange(leaves)).ravel()])
+
+
+def _check_one_device(batch):
+    """Refuse a batch (or an example) with leaves on the CPU and on the GPU."""
+    if batch.cuda is not None and batch.cuda.mixed:
+        on_gpu = np.isin(batch.unique_of, batch.cuda.unique)
+        cpu, gpu = (_tree.path(batch.treedef, int(np.argmax(on_gpu == side))) for side in (False, True))
+        raise _checks.examples_on_two_devices(cpu, gpu)
 
 
 def _from_sequence(batches):
     first = batches[0]
     U = len(first.arrays)
+    if first.cuda is not None:
+        positions = _cell_positions(first.unique_of, U, len(batches))
+        gpu = _private_cuda.sequence([batch.cuda for batch in batches], positions)
+        shapes, dtypes = [leaf.shape for leaf in first.cuda.leaves], [leaf.dtype for leaf in first.cuda.leaves]
+        return Cells(batches, False, len(batches), shapes, dtypes, first.originals, None, None, gpu)
     columns = {}  # dtype -> (addr, count, step, cell) column lists, and the witness
     for i, batch in enumerate(batches):
         for table in batch.tables:
@@ -166,15 +215,11 @@ def _runs(cell):
     return table.addr - cell.ctypes.data, table.count, table.step
 
 
-def _no_repeats(array):
-    """Whether no axis repeats elements (a zero stride): the runs then match a dense output."""
-    return all(s or n == 1 for n, s in zip(array.shape, array.strides))
-
-
-def _plan(cell, runs, base, keep=None):
+def _plan(cell, runs, base, order, keep=None):
+    """The `Plan` of a leaf whose every example is laid out as ``cell``, walked in ``order`` (its traversal)."""
     contiguous = cell.flags.c_contiguous or cell.flags.f_contiguous
     out_offset = np.zeros(runs[1].size, np.int64) if contiguous else _table.dense_offsets(cell)
-    return Plan(*runs, base, _table.traversal(cell), out_offset, keep)
+    return Plan(*runs, base, order, out_offset, keep)
 
 
 def _copied_plan(array):
@@ -182,14 +227,13 @@ def _copied_plan(array):
     copy = np.array(array, order="C")
     cell = copy[0, ...]
     base = copy.ctypes.data + np.arange(copy.shape[0], dtype=np.int64) * copy.strides[0]
-    return _plan(cell, _runs(cell), base, keep=copy)
+    return _plan(cell, _runs(cell), base, _table.traversal(cell), keep=copy)
 
 
 def _empty_plan(shape):
     size = int(np.prod(shape))
     rows = np.zeros(1 if size else 0, np.int64)
-    order = tuple((axis, False) for axis in reversed(range(len(shape))) if shape[axis] != 1)
-    return Plan(rows, rows + size, rows + 1, np.zeros(0, np.int64), order, rows)
+    return Plan(rows, rows + size, rows + 1, np.zeros(0, np.int64), _table.c_traversal(shape), rows)
 
 
 def _shared_runs(arrays):
@@ -197,12 +241,13 @@ def _shared_runs(arrays):
     out alike; otherwise every example is read through a C-ordered copy (a one-off cost,
     rather than a kernel that walks each example's own layout)."""
     first = arrays[0]
-    if all(a.strides == first.strides for a in arrays) and _no_repeats(first):
+    order = _table.shared_traversal(arrays)
+    if order is not None:
         base = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
-        return _plan(first, _runs(first), base)
+        return _plan(first, _runs(first), base, order)
     copies = [np.array(a, order="C") for a in arrays]
     base = np.array([c.ctypes.data for c in copies], dtype=np.int64)
-    return _plan(copies[0], _runs(copies[0]), base, keep=copies)
+    return _plan(copies[0], _runs(copies[0]), base, _table.traversal(copies[0]), keep=copies)
 
 
 def _stacked_tables(rows, dtypes, n):
@@ -230,8 +275,11 @@ def _check_like_first(i, batch, first):
             i, _tree.path(first.treedef, position), "which positions hold one same array",
             first.unique_of.tolist(), batch.unique_of.tolist(),
         )  # fmt: skip
+    if (batch.cuda is None) != (first.cuda is None):
+        raise _checks.example_on_other_device(i, batch.cuda is not None)
+    first_leaves, leaves = first.unique_leaves(), batch.unique_leaves()
     for u in range(len(first.arrays)):
-        mine, theirs = first.arrays[u], batch.arrays[u]
+        mine, theirs = first_leaves[u], leaves[u]
         for what in ("shape", "dtype"):
             if getattr(mine, what) != getattr(theirs, what):
                 where = _tree.path(first.treedef, _first_position(first, u))

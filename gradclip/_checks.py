@@ -623,6 +623,21 @@ def example_differs(index, where, what, expected, got):
     )
 
 
+def examples_on_two_devices(cpu_where, gpu_where):
+    return ValueError(
+        f"{cpu_where} is a CPU array but {gpu_where} a CUDA array; a batch of examples lives on one "
+        "device: move its leaves to one (e.g. tensor.cuda(), cupy.asarray)"
+    )
+
+
+def example_on_other_device(index, on_gpu):
+    here, there = ("CUDA", "CPU") if on_gpu else ("CPU", "CUDA")
+    return ValueError(
+        f"examples[{index}] holds {here} arrays but examples[0] {there} arrays; a batch of examples lives "
+        "on one device: move every example to one"
+    )
+
+
 def example_shares_array(first, second, where, function):
     return ValueError(
         f"examples[{second}] holds the same array as examples[{first}] at {where}; {function} scales each "

@@ -1,10 +1,12 @@
 """The private-training operations (SPEC §9) on CPU cells, with the CPU kernels.
 
 Each is a small function over prepared tables (``_cells.Cells``, ``_batch.Batch``);
-``private.py`` and ``noise.py`` call them without knowing the device. The kernels of
-``kernels/private_cpu.py`` are imported on first use, keeping them out of
-``import gradclip`` (10-30 ms here).
+``private.py`` and ``noise.py`` call them without knowing the device (``_private_cuda``
+is the GPU twin). The kernels of ``kernels/private_cpu.py`` are imported on first use,
+keeping them out of ``import gradclip`` (10-30 ms here).
 """
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,15 +56,53 @@ def _plan_rows(cells, dtype):
         yield np.full(plan.count.size, u), plan.offset, plan.count, plan.step
 
 
-def example_norms(norms, p):
+def example_norms(cells, p):
+    """Each example's p-norm, float64 ``(B,)``."""
+    return _fold_rows(cell_norms(cells, p), p)
+
+
+def _fold_rows(norms, p):
     """Each example's p-norm from its cells' (``norms``, ``(B, U)``)."""
     return private_kernels().fold_rows(norms, float(p))
 
 
-def scale_cells_(cells, factors):
-    """Scale cell ``(i, u)`` by ``factors[i, u]`` in place: 1 writes nothing, 0 writes zeros
-    (NaN and inf included)."""
-    coef = factors.reshape(-1)
+class Clipping(NamedTuple):
+    """What clipping the examples to bounds finds (`clipping`)."""
+
+    cell: np.ndarray  # (B, U) per-cell norms
+    norms: np.ndarray  # (B,) per-example global norms
+    factors: np.ndarray  # (B, U), C-ordered
+    clipped: int
+    nonfinite: int
+    unique_of: np.ndarray  # one example's positions' unique leaves
+
+    @property
+    def layer_norms(self):
+        """The per-cell norms by position, ``(B, L)``."""
+        return self.cell[:, self.unique_of]
+
+
+def clipping(cells, bounds, eps):
+    """The norms, the factors ``f = min(1, bound / (norm + eps))`` (0 for an example whose
+    norm is not finite) and the counts; ``bounds``: one (0-d) or one per unique leaf."""
+    cell = cell_norms(cells, 2.0)
+    norms = _fold_rows(cell, 2.0)
+    finite = np.isfinite(norms)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = bounds / ((norms[:, None] if bounds.ndim == 0 else cell) + eps)
+    factors = np.where(ratio < 1.0, ratio, 1.0)  # NaN (0 / 0: a zero example, bound 0) -> 1
+    factors = np.where(finite[:, None], np.broadcast_to(factors, cell.shape), 0.0)
+    clipped = int(np.count_nonzero(finite & (factors < 1.0).any(axis=1)))
+    nonfinite = int(np.count_nonzero(~finite))
+    return Clipping(cell, norms, np.ascontiguousarray(factors), clipped, nonfinite, cells.unique_of)
+
+
+def scale_cells_(cells, clipping):
+    """Scale cell ``(i, u)`` by its factor in place: 1 writes nothing, 0 writes zeros (NaN
+    and inf included)."""
+    if not (clipping.factors != 1.0).any():
+        return
+    coef = clipping.factors.reshape(-1)
     _cpu.scale_(cells, coef)
     zeroed = coef == 0.0
     if zeroed.any():  # x * 0 is NaN for a NaN or inf x
@@ -72,17 +112,26 @@ def scale_cells_(cells, factors):
                 kernels.update_table(kernels.ZERO_NONFINITE, table)
 
 
-def weighted_sum(cells, factors, std, divisor, noise, first_draw):
-    """``(Σ_i factors[i, u] g_iu + std z) / divisor`` for every unique leaf ``u``, rounded
-    once to its dtype: new arrays laid out like the examples' leaves. The draws ``z``
-    are the noise stream's from ``first_draw`` on, leaf after leaf (see `draws_of`)."""
+def clipped_copy(cells, clipping):
+    """The clipped examples in new arrays, in the batch's structures (`_cells.Cells.rebuild`)."""
+    copied = cells.copy()
+    scale_cells_(copied, clipping)
+    return copied.rebuild()
+
+
+def weighted_sum(cells, clipping, std, divisor, noise, first_draw):
+    """``(Σ_i f_iu g_iu + std z) / divisor`` for every unique leaf ``u``, ``f`` the
+    clipping's factors, rounded once to its dtype: new arrays laid out like the examples'
+    leaves. The draws ``z`` are the noise stream's from ``first_draw`` on, leaf after
+    leaf (see ``_cells.Cells.draw_starts``)."""
+    factors = clipping.factors
     outputs, buffers = [], []
     for shape, dtype, plan in zip(cells.shapes, cells.dtypes, cells.plans):
         buffer = np.empty(int(np.prod(shape)), dtype)
         buffers.append(buffer)
         outputs.append(_table.dense_view(buffer, 0, shape, plan.order))
     base = _bases(cells)
-    starts = first_draw + _leaf_draw_starts(cells)
+    starts = first_draw + cells.draw_starts()
     kind, key = (noise._kind, noise._key) if std else (private_kernels().PHILOX, np.zeros(2, np.uint32))
     for dtype in dict.fromkeys(cells.dtypes):
         parts = 2 if dtype.kind == "c" else 1
@@ -95,35 +144,14 @@ def weighted_sum(cells, factors, std, divisor, noise, first_draw):
     return outputs
 
 
-def draws_of(cells):
-    """The draws a noised sum of ``cells`` takes: one per real number of one example."""
-    return int(sum(int(np.prod(s)) * (2 if d.kind == "c" else 1) for s, d in zip(cells.shapes, cells.dtypes)))
-
-
-def _leaf_draw_starts(cells):
-    sizes = [int(np.prod(s)) * (2 if d.kind == "c" else 1) for s, d in zip(cells.shapes, cells.dtypes)]
-    return (np.cumsum(sizes, dtype=np.int64) - sizes).astype(np.int64)
-
-
-def add_noise_(batch, std, noise, first_draw):
-    """Add ``std`` times the stream's draws from ``first_draw`` on to every unique leaf of
-    ``batch`` in place: leaf after leaf, each in its memory order."""
-    starts, _ = batch_draws(batch)
+def add_noise_(batch, std, noise, starts):
+    """Add ``std`` times the stream's draws to every unique CPU leaf of ``batch`` in place,
+    leaf ``u``'s from ``starts[u]`` on, in its memory order."""
     for table in batch.tables:
         if table.size:
             parts = 2 if table.witness.dtype.kind == "c" else 1
-            draw = first_draw + starts[table.seg_leaf] + _offsets_in_leaf(table) * parts
+            draw = starts[table.seg_leaf] + _offsets_in_leaf(table) * parts
             private_kernels().add_noise_table(table, draw, std, noise._kind, noise._key)
-
-
-def batch_draws(batch):
-    """``(start, total)``: the draw each unique leaf of ``batch`` starts at, and the draws taken."""
-    size = np.zeros(len(batch.arrays), np.int64)
-    for table in batch.tables:
-        parts = 2 if table.witness.dtype.kind == "c" else 1
-        size += np.bincount(table.seg_leaf, weights=table.count * parts, minlength=size.size).astype(np.int64)
-    ends = np.cumsum(size)
-    return ends - size, int(ends[-1]) if size.size else 0
 
 
 def _offsets_in_leaf(table):

@@ -5,7 +5,8 @@ DP-SGD (Abadi et al. 2016) and DP-FedAvg (McMahan et al. 2018) clip every exampl
 client's) gradient to a norm bound, sum, and add Gaussian noise. A batch of examples is
 either *stacked* (a grads container whose every leaf has the example axis first) or a
 `Examples` sequence of separate grads containers. The operations run on the batch's
-cells (``_cells``) through the device's backend (``_private_cpu``).
+cells (``_cells``) through the twin of their device (``Cells.twin``: ``_private_cpu`` or
+``_private_cuda``); noise added to grads goes through ``_backend``.
 """
 
 import math
@@ -14,8 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _batch, _cells, _checks, _tree
-from . import _private_cpu as _backend
+from . import _backend, _batch, _cells, _checks, _tree
 from .noise import GaussianNoise
 
 
@@ -55,6 +55,9 @@ class Examples(Sequence):
 class ExampleStats(NamedTuple):
     """What `clipped_sum` saw of each example.
 
+    On the GPU every field is a float64 device array of the first leaf's kind (the
+    counts 0-d), so that nothing waits for the device: ``int(stats.clipped)`` reads one.
+
     Attributes
     ----------
     norms : numpy.ndarray
@@ -87,7 +90,8 @@ def per_example_norms(batch, norm_type=2.0):
     numpy.ndarray
         float64 ``(B,)``, accumulated in float64 in one read pass (p = 1, 2 and inf;
         other p, and leaves whose sum of squares overflows, take a second, scaled one);
-        the same bits for any thread count.
+        the same bits for any thread count. For GPU leaves, a device array of the first
+        leaf's kind.
 
     Raises
     ------
@@ -108,7 +112,7 @@ def per_example_norms(batch, norm_type=2.0):
     cells = _prepare(batch, "per_example_norms", writes=False)
     if cells is None:
         return np.zeros(0)
-    return _backend.example_norms(_backend.cell_norms(cells, p), p)
+    return cells.twin.example_norms(cells, p)
 
 
 def clip_per_example_(batch, max_norm, *, eps=1e-6):
@@ -133,7 +137,8 @@ def clip_per_example_(batch, max_norm, *, eps=1e-6):
     -------
     numpy.ndarray
         The norms compared with the bounds, before clipping: float64 ``(B,)`` for one
-        bound, ``(B, L)`` (one column per leaf position) for per-layer bounds.
+        bound, ``(B, L)`` (one column per leaf position) for per-layer bounds. For GPU
+        leaves, a device array of the first leaf's kind.
 
     Raises
     ------
@@ -164,10 +169,9 @@ def clip_per_example_(batch, max_norm, *, eps=1e-6):
     if cells is None:
         return np.zeros(0)
     bounds = _bounds(max_norm, cells)
-    clipping = _clipping(cells, bounds, eps)
-    if (clipping.factors != 1.0).any():
-        _backend.scale_cells_(cells, clipping.factors)
-    return clipping.compared(cells, bounds)
+    clipping = cells.twin.clipping(cells, bounds, eps)
+    cells.twin.scale_cells_(cells, clipping)
+    return _compared(clipping, bounds)
 
 
 def clip_per_example(batch, max_norm, *, eps=1e-6):
@@ -188,11 +192,9 @@ def clip_per_example(batch, max_norm, *, eps=1e-6):
     if cells is None:
         return Examples([]), np.zeros(0)
     bounds = _bounds(max_norm, cells)
-    clipping = _clipping(cells, bounds, eps)
-    clipped = cells.copy()
-    _backend.scale_cells_(clipped, clipping.factors)
-    rebuilt = clipped.rebuild()
-    return (rebuilt if clipped.stacked else Examples(rebuilt)), clipping.compared(cells, bounds)
+    clipping = cells.twin.clipping(cells, bounds, eps)
+    clipped = cells.twin.clipped_copy(cells, clipping)
+    return (clipped if cells.stacked else Examples(clipped)), _compared(clipping, bounds)
 
 
 def clipped_sum(batch, max_norm, *, eps=1e-6, noise_multiplier=0.0, noise=None, normalize_by=None):
@@ -225,7 +227,8 @@ def clipped_sum(batch, max_norm, *, eps=1e-6, noise_multiplier=0.0, noise=None, 
         The leaves' dtypes, new arrays (of the caller's framework), each laid out like
         the examples' leaf.
     stats : ExampleStats
-        ``norms``, ``layer_norms``, ``clipped``, ``nonfinite``.
+        ``norms``, ``layer_norms``, ``clipped``, ``nonfinite`` (for GPU leaves, device
+        arrays: nothing waits for the GPU).
 
     Raises
     ------
@@ -272,14 +275,13 @@ def clipped_sum(batch, max_norm, *, eps=1e-6, noise_multiplier=0.0, noise=None, 
         if not math.isfinite(scale):
             raise _checks.noise_needs_finite_bound(max_norm)
         std = noise_multiplier * scale
-    clipping = _clipping(cells, bounds, eps)
+    clipping = cells.twin.clipping(cells, bounds, eps)
     first_draw = 0
     if std:
         noise = GaussianNoise() if noise is None else noise
-        first_draw = noise._take(_backend.draws_of(cells))
-    outputs = _backend.weighted_sum(cells, clipping.factors, std, divisor, noise, first_draw)
-    layer_norms = clipping.cell[:, cells.unique_of]
-    stats = ExampleStats(clipping.norms, layer_norms, clipping.clipped, clipping.nonfinite)
+        first_draw = noise._take(sum(cells.draw_sizes()))
+    outputs = cells.twin.weighted_sum(cells, clipping, std, divisor, noise, first_draw)
+    stats = ExampleStats(clipping.norms, clipping.layer_norms, clipping.clipped, clipping.nonfinite)
     return cells.result(outputs), stats
 
 
@@ -313,11 +315,9 @@ def add_noise_(grads, std, noise):
     std = _checks.finite_nonnegative("std", std)
     if not isinstance(noise, GaussianNoise):
         raise _checks.noise_type(noise)
-    batch = _batch.collect(grads, "add_noise_", writes=True)
-    if not std:
-        return
-    _, total = _backend.batch_draws(batch)
-    _backend.add_noise_(batch, std, noise, noise._take(total))
+    batch = _batch.collect(grads, "add_noise_", writes=True, cuda=True)
+    if std:
+        _backend.add_noise_(batch, std, noise)
 
 
 class QuantileClipNorm:
@@ -384,12 +384,13 @@ class QuantileClipNorm:
         Parameters
         ----------
         norms : 1-d array of float
-            The examples' norms before clipping (e.g. ``stats.norms`` of `clipped_sum`).
+            The examples' norms before clipping (e.g. ``stats.norms`` of `clipped_sum`); a
+            device array is read on the host (which waits for the GPU).
         expected_size : float, optional
             The denominator of the fraction (> 0); default: ``len(norms)``. Nothing
             changes when it is absent and ``norms`` is empty.
         """
-        norms = _checks.norms_vector(norms)
+        norms = _checks.norms_vector(_backend.host_values(norms))
         size = norms.size if expected_size is None else _checks.finite_positive("expected_size", expected_size)
         if not size:
             return self._clip_norm
@@ -458,27 +459,6 @@ def _bounds(max_norm, cells):
     return per_leaf
 
 
-class _Clipping(NamedTuple):
-    cell: np.ndarray  # (B, U) per-cell norms
-    norms: np.ndarray  # (B,) per-example global norms
-    factors: np.ndarray  # (B, U), C-ordered
-    clipped: int
-    nonfinite: int
-
-    def compared(self, cells, bounds):
-        """The norms compared with the bounds: ``(B,)``, or per-layer ``(B, L)`` by position."""
-        return self.norms if bounds.ndim == 0 else self.cell[:, cells.unique_of]
-
-
-def _clipping(cells, bounds, eps):
-    """The norms, the factors ``f = min(1, bound / (norm + eps))`` (0 for an example whose
-    norm is not finite) and the counts."""
-    cell = _backend.cell_norms(cells, 2.0)
-    norms = _backend.example_norms(cell, 2.0)
-    finite = np.isfinite(norms)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ratio = bounds / ((norms[:, None] if bounds.ndim == 0 else cell) + eps)
-    factors = np.where(ratio < 1.0, ratio, 1.0)  # NaN (0 / 0: a zero example, bound 0) -> 1
-    factors = np.where(finite[:, None], np.broadcast_to(factors, cell.shape), 0.0)
-    clipped = int(np.count_nonzero(finite & (factors < 1.0).any(axis=1)))
-    return _Clipping(cell, norms, np.ascontiguousarray(factors), clipped, int(np.count_nonzero(~finite)))
+def _compared(clipping, bounds):
+    """The norms compared with the bounds: ``(B,)``, or per-layer ``(B, L)`` by position."""
+    return clipping.norms if bounds.ndim == 0 else clipping.layer_norms

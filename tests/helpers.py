@@ -457,6 +457,29 @@ def to_host(x):
     return np.ndarray(x.shape, x.dtype, buffer=raw, offset=-low, strides=x.strides)
 
 
+class OnDevice:
+    """A `Strided` leaf whose base lives on the (simulated) device; ``view`` is the device view."""
+
+    def __init__(self, layout, shape, dtype, rng, scale=1.0):
+        self.host = Strided(layout, shape, dtype, rng, scale)
+        self.base = to_device(self.host.base)
+        self.view = device_view(self.base, self.host.base, self.host.view)
+        assert isinstance(self.view, device_array_type())
+
+    def poke(self, value, index=None):
+        """Set one element of the view (the last by default), here and on the device."""
+        index = self.host.last_index() if index is None else index
+        self.host.poke(index, value)
+        refresh(self.base, self.host.base)
+
+    def values(self):
+        return self.host.view_fn(to_host(self.base))
+
+    def assert_base(self, expected_view, what="leaf"):
+        """The view holds ``expected_view``, and the memory around it is untouched."""
+        assert_same_bits(to_host(self.base), self.host.expected_base(expected_view), what=what)
+
+
 class ForeignArray:
     """Only ``__cuda_array_interface__``, pointing at a device array's memory."""
 

@@ -258,6 +258,17 @@ def ref_zero_nonfinite(x) -> np.ndarray:
     return out
 
 
+def ref_zeroed(x) -> np.ndarray:
+    """What clipping by a factor 0 leaves: ``x * 0`` part by part (a signed zero), 0 for a
+    non-finite part."""
+    a = np.asarray(x)
+    w = widen(a)
+    with np.errstate(all="ignore"):
+        for part in (w.real, w.imag) if is_complex(a.dtype) else (w,):
+            part[...] = np.where(np.isfinite(part), part * 0.0, 0.0)  # views of w: written in place
+    return round_to(w, a.dtype)
+
+
 # --------------------------------------------------------------------------- memory
 
 
