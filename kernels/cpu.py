@@ -852,7 +852,7 @@ def plain_headers(objects, required, any_of):
     """
     if not _header_layout_confirmed():
         return None
-    ok, *headers = _plain_headers(_addresses(objects), id(np.ndarray), required, any_of)
+    ok, *headers = _plain_headers(object_ids(objects), id(np.ndarray), required, any_of)
     return headers if ok else None
 
 
@@ -1167,11 +1167,11 @@ def array_layouts(arrays):
     """
     if not _header_layout_confirmed():
         return None
-    ok, layouts = _read_layouts(_addresses(arrays), id(np.ndarray))
+    ok, layouts = _read_layouts(object_ids(arrays), id(np.ndarray))
     return layouts if ok else None
 
 
-def _addresses(objects):
+def object_ids(objects):
     """``id()`` of every object, as int64.
 
     A list's own item pointers are read where the list keeps them (a few ns per item);
