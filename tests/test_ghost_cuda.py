@@ -374,3 +374,17 @@ def test_inputs_on_two_devices_are_refused(rng, call, fragments, launches):
     with raises_with(ValueError, *fragments, "reads its inputs on one device", "tensor.cuda()"):
         call(a, g, x)
     assert launches == []
+
+
+def test_torch_integer_tensors_are_described_as_integers():
+    """An embedding's indices as a torch tensor: described with their NumPy integer dtype (a
+    CUDA tensor goes through the same code, which a CPU tensor exercises here); a bool one
+    is refused, naming it."""
+    torch = pytest.importorskip("torch")  # installed by the test extra
+    from gradclip import _cuda
+
+    tensor = torch.arange(12, dtype=torch.int32).reshape(3, 4)[:, ::2]
+    leaf = _cuda.describe(tensor, lambda: "indices")
+    assert (leaf.dtype, leaf.shape, leaf.strides, leaf.ptr) == (np.dtype(np.int32), (3, 2), (16, 8), tensor.data_ptr())
+    with raises_with(TypeError, "indices has dtype torch.bool"):
+        _cuda.describe(torch.zeros(2, dtype=torch.bool), lambda: "indices")
