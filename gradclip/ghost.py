@@ -53,8 +53,9 @@ def dense_sq_norms(activations, output_grads, *, bias=False):
     (``T < d`` for a square layer). Without a sequence axis the norm is ``‖g‖²‖a‖²``.
     Products and sums are float64, whatever the inputs' dtype; examples run in parallel
     and the result is bit-identical for any thread count. Extra memory: a few hundred KB
-    per thread. On the GPU the Gram route only (tiles of T x T pairs in shared memory),
-    the same bits at every launch; extra memory: two float64 per example and tile row.
+    per thread. On the GPU the Gram route only (tiles of 16 x 16 ``(t, s)`` pairs, their
+    features staged in shared memory), the same bits at every launch; extra memory: two
+    float64 per example and row of tiles.
 
     Examples
     --------

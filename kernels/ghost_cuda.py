@@ -13,9 +13,9 @@ layer's ``a`` is ``(B, T, d_in)``, ``g`` ``(B, T, d_out)``; an embedding's ``idx
 
 Dense layers take the *Gram route*, ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` per example (the
 direct route, the CPU's cache-blocking alternative for long sequences, has no twin):
-a block of ``TILE`` x ``TILE`` threads owns one (t, s) pair of a tile, stages ``TILE``
-features of the tile's rows at a time in shared memory (float64) and sums both dot
-products; an *item* is one example's row of tiles ``tb`` against the tiles from ``tb``
+each thread of a block of ``TILE`` x ``TILE`` owns one (t, s) pair of a tile; the block
+stages ``TILE`` features of the tile's rows at a time in shared memory (float64), and
+each thread sums both dot products; an *item* is one example's row of tiles ``tb`` against the tiles from ``tb``
 on (the upper triangle: a tile off the diagonal counts twice), so each item leaves one
 partial weight and one bias sum. Without a sequence axis (T = 1) the norm is
 ``‖a‖²‖g‖²``, one block per example (`dense_rows_cuda`). Embeddings: an item is one
@@ -37,8 +37,9 @@ from numba import cuda, float64
 from .cuda import _block_fold, _kernel, codec
 
 TILE = 16
-"""Rows (and staged features) of a Gram tile; a Gram block has TILE x TILE threads. It is
-compiled into the kernels (the stage's shape): tests patch it on the simulator only."""
+"""Rows (and staged features) of a Gram tile, a power of two; a Gram block has TILE x TILE
+threads. It is compiled into the kernels (the stage's shape): tests patch it on the
+simulator only."""
 
 STAGE = (TILE, TILE + 1)
 """A staged tile in shared memory: one padding column keeps a warp's reads of a column

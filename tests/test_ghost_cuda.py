@@ -102,11 +102,14 @@ def test_dense_dtypes(rng, dtype, g_dtype):
 
 
 def test_dense_strided_inputs(rng):
-    """Stepped, transposed and reversed views, read where they lie."""
+    """Stepped, transposed, reversed and broadcast (a zero step) views, read where they lie."""
     a = OnDevice("T_step", (2, 4, 3), np.float32, rng)
     g = OnDevice("neg", (2, 4, 2), np.float64, rng)
     got = _host(gc.dense_sq_norms(a.view, g.view, bias=True), 2)
     assert_dense_close(got, a.host.view, g.host.view, True)
+    broadcast = np.broadcast_to(g.host.base[:, :1], (2, 4, 2))  # one position's gradient at every t
+    device_g = device_view(g.base, g.host.base, broadcast)
+    assert_dense_close(_host(gc.dense_sq_norms(a.view, device_g, bias=True)), a.host.view, broadcast, True)
     rows_a, rows_g = OnDevice("neg_step", (3, 5), np.float16, rng), OnDevice("F", (3, 2), np.float32, rng)
     assert_dense_close(_host(gc.dense_sq_norms(rows_a.view, rows_g.view), 3), rows_a.host.view, rows_g.host.view, False)
     a.assert_base(a.host.view_before)
