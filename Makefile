@@ -41,7 +41,7 @@ GPU_JSON ?= bench/results/gpu/latest.json
 gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(dir $(GPU_JSON))
-	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py tests/test_private_cuda.py; \
+	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py tests/test_private_cuda.py tests/test_ghost_cuda.py; \
 	tests=$$?; $(PYTHON) bench/gpu.py --quick --json $(GPU_JSON) && exit $$tests
 
 clean:

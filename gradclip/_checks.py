@@ -753,11 +753,10 @@ _OUT_OF_PLACE_TWIN["clip_per_example_"] = "clip_per_example"  # named by raise_r
 GHOST_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def ghost_cuda(name, array, function):
-    return NotImplementedError(
-        f"{name} is a CUDA array ({type(array).__module__}.{type(array).__name__}) and {function} "
-        "has CPU kernels only for now; pass host arrays (e.g. tensor.cpu(), cupy.asnumpy(x), "
-        "jax.device_get(x))"
+def ghost_devices(cpu_where, gpu_where, function):
+    return ValueError(
+        f"{cpu_where} is a CPU array but {gpu_where} a CUDA array; {function} reads its inputs on one "
+        "device: move them to one (e.g. tensor.cuda(), cupy.asarray(x), or tensor.cpu(), cupy.asnumpy(x))"
     )
 
 

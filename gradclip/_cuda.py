@@ -182,12 +182,19 @@ def _describe_tensor(torch, tensor, where):
 
 
 def _torch_dtype(torch, dtype, where):
+    """The NumPy dtype of a torch dtype: the floating ones gradclip supports, and integers
+    (embedding indices; the functions' own checks refuse them where they need floats)."""
     known = {
         torch.float16: np.float16,
         torch.float32: np.float32,
         torch.float64: np.float64,
         torch.complex64: np.complex64,
         torch.complex128: np.complex128,
+        torch.int8: np.int8,
+        torch.int16: np.int16,
+        torch.int32: np.int32,
+        torch.int64: np.int64,
+        torch.uint8: np.uint8,
     }
     if dtype in known:
         return np.dtype(known[dtype])

@@ -7,15 +7,15 @@ input activations ``A_i`` and output gradients ``G_i`` of each example, and for 
 embedding from its indices. The clipped sum then comes from a second backward pass of
 ``Σ_i f_i loss_i`` with the factors of `clip_factors`.
 
-Arrays of any framework are read zero-copy (SPEC §2); results are float64 NumPy
-arrays. Each function gets its kernels and its arrays from one place (`_kernels_for`):
-the CPU kernels (``kernels/ghost_cpu.py``, imported on first use) today; GPU twins
-with the same names and arguments slot in there.
+Arrays of any framework are read zero-copy (SPEC §2). Each function validates its
+inputs here and runs on the twin of their device, chosen in one place (`_twin_for`):
+``_ghost_cpu`` (float64 NumPy results) or ``_ghost_cuda`` (float64 device arrays of the
+first input's kind, nothing read back to the host). Inputs on both devices are refused.
 """
 
-import numpy as np
+import math
 
-from . import _checks, _dispatch, _table, _tree
+from . import _checks, _dispatch, _ghost_cpu, _ghost_cuda, _tree
 
 
 def dense_sq_norms(activations, output_grads, *, bias=False):
@@ -34,26 +34,28 @@ def dense_sq_norms(activations, output_grads, *, bias=False):
     Returns
     -------
     numpy.ndarray
-        float64 ``(B,)``: ``‖Σ_t g_t a_tᵀ‖²_F`` (``+ ‖Σ_t g_t‖²``) for each example.
+        float64 ``(B,)``: ``‖Σ_t g_t a_tᵀ‖²_F`` (``+ ‖Σ_t g_t‖²``) for each example. For
+        CUDA inputs, a device array of the first input's kind (nothing waits for the GPU).
 
     Raises
     ------
     ValueError
-        Shapes that do not pair up as above.
+        Shapes that do not pair up as above; one input on the CPU and one on the GPU.
     TypeError
         A dtype other than float16, bfloat16, float32, float64, or an input that is not an array.
-    NotImplementedError
-        A CUDA array (GPU kernels are not there yet).
 
     Notes
     -----
-    Two exact routes, picked per call by their cost in multiply-adds: the *Gram route*
-    ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` costs ``T²(d_in + d_out)/2`` per example, the *direct
-    route* (the weight gradient ``Gᵀ A``, tile by tile, never whole) ``T·d_in·d_out``: the
-    Gram route wins while ``T < 2·d_in·d_out / (d_in + d_out)`` (``T < d`` for a square
-    layer). Without a sequence axis the norm is ``‖g‖²‖a‖²``. Products and sums are
-    float64, whatever the inputs' dtype; examples run in parallel and the result is
-    bit-identical for any thread count. Extra memory: a few hundred KB per thread.
+    Two exact routes on the CPU, picked per call by their cost in multiply-adds: the
+    *Gram route* ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` costs ``T²(d_in + d_out)/2`` per example,
+    the *direct route* (the weight gradient ``Gᵀ A``, tile by tile, never whole)
+    ``T·d_in·d_out``: the Gram route wins while ``T < 2·d_in·d_out / (d_in + d_out)``
+    (``T < d`` for a square layer). Without a sequence axis the norm is ``‖g‖²‖a‖²``.
+    Products and sums are float64, whatever the inputs' dtype; examples run in parallel
+    and the result is bit-identical for any thread count. Extra memory: a few hundred KB
+    per thread. On the GPU the Gram route only (tiles of 16 x 16 ``(t, s)`` pairs, their
+    features staged in shared memory), the same bits at every launch; extra memory: two
+    float64 per example and row of tiles.
 
     Examples
     --------
@@ -65,18 +67,15 @@ def dense_sq_norms(activations, output_grads, *, bias=False):
     >>> gradclip.dense_sq_norms(a, g, bias=True)  # + (3 + 4)²
     array([122.])
     """
-    kernels, (a, g) = _kernels_for("dense_sq_norms", ("activations", activations), ("output_grads", output_grads))
-    _checks.dense_shapes(a.shape, g.shape)
+    twin, (a, g) = _twin_for("dense_sq_norms", ("activations", activations), ("output_grads", output_grads))
+    _checks.dense_shapes(tuple(a.shape), tuple(g.shape))
     for name, array in (("activations", a), ("output_grads", g)):
         _checks.ghost_dtype(name, array.dtype, "dense_sq_norms")
-    if a.ndim == 2:
-        a, g = a[:, None], g[:, None]
-    B, T, d_in = a.shape
-    d_out = g.shape[2]
-    if T == 0 or d_out == 0 or (d_in == 0 and not bias):
-        return np.zeros(B)
-    gram = d_in == 0 or kernels.gram_wins(T, d_in, d_out)
-    return kernels.dense_sq_norms(_kernel_view(a), _kernel_view(g), bool(bias), gram)
+    B, d_in, d_out = a.shape[0], a.shape[-1], g.shape[-1]
+    T = a.shape[1] if len(a.shape) == 3 else 1
+    if 0 in (B, T, d_out) or (d_in == 0 and not bias):
+        return twin.zeros(B, a)
+    return twin.dense_sq_norms(a, g, bool(bias))
 
 
 def embedding_sq_norms(indices, output_grads):
@@ -93,14 +92,17 @@ def embedding_sq_norms(indices, output_grads):
     -------
     numpy.ndarray
         float64 ``(B,)``: ``Σ_{t,s: idx_t = idx_s} g_t·g_s``, the squared norm of the rows
-        ``Σ_{t: idx_t = v} g_t`` of each example's gradient.
+        ``Σ_{t: idx_t = v} g_t`` of each example's gradient. For CUDA inputs, a device
+        array of the first input's kind.
 
     Notes
     -----
     Each example's positions are sorted by index and each run of equal indices summed
-    in float64: no ``(B, vocab, d)`` array, and ``O(T·d)`` work per example. Indices are
-    only compared, never bounds-checked against a vocabulary. Rows that the layer does
-    not train (PyTorch's ``padding_idx``) must have zero output gradients.
+    in float64: no ``(B, vocab, d)`` array, and ``O(T·d)`` work per example. On the GPU
+    each position that first holds its index sums the positions holding it, in position
+    order: ``O(T·d)`` float64 work and ``O(T²)`` index comparisons per example. Indices
+    are only compared, never bounds-checked against a vocabulary. Rows that the layer
+    does not train (PyTorch's ``padding_idx``) must have zero output gradients.
 
     Examples
     --------
@@ -110,13 +112,13 @@ def embedding_sq_norms(indices, output_grads):
     >>> gradclip.embedding_sq_norms(idx, g)  # row 5: (4, 0), row 7: (0, 2)
     array([20.])
     """
-    kernels, (idx, g) = _kernels_for("embedding_sq_norms", ("indices", indices), ("output_grads", output_grads))
-    _checks.embedding_shapes(idx.shape, g.shape)
+    twin, (idx, g) = _twin_for("embedding_sq_norms", ("indices", indices), ("output_grads", output_grads))
+    _checks.embedding_shapes(tuple(idx.shape), tuple(g.shape))
     _checks.ghost_indices_dtype(idx.dtype)
     _checks.ghost_dtype("output_grads", g.dtype, "embedding_sq_norms")
-    if idx.ndim == 1:
-        idx, g = idx[:, None], g[:, None]
-    return kernels.embedding_sq_norms(idx, _kernel_view(g))
+    if not math.prod(g.shape):
+        return twin.zeros(g.shape[0], g)
+    return twin.embedding_sq_norms(idx, g)
 
 
 def sq_norms_from_per_example(grads):
@@ -135,11 +137,14 @@ def sq_norms_from_per_example(grads):
     Returns
     -------
     numpy.ndarray
-        float64 ``(B,)``: ``Σ_leaves ‖leaf[i]‖²`` (``|z|²`` for complex leaves).
+        float64 ``(B,)``: ``Σ_leaves ‖leaf[i]‖²`` (``|z|²`` for complex leaves). For CUDA
+        leaves (all of them), a device array of the first leaf's kind.
 
     Notes
     -----
-    Contiguous leaves are read in place; other layouts are copied once, leaf by leaf.
+    On the CPU contiguous leaves are read in place, other layouts copied once, leaf by
+    leaf. On the GPU every leaf is read in place by `per_example_norms`' passes, and the
+    norms are squared on the device (within a few units of float64 rounding of the sum).
 
     Examples
     --------
@@ -148,24 +153,19 @@ def sq_norms_from_per_example(grads):
     array([26.,  5.])
     """
     leaves, treedef = _tree.flatten(grads)
-    arrays, seen, batch = [], set(), None
+    first = {}  # each array at its first position: the same array twice counts once
     for position, leaf in enumerate(leaves):
-        if id(leaf) in seen:
-            continue
-        seen.add(id(leaf))
-        where = lambda position=position: _tree.path(treedef, position)  # noqa: E731
-        kernels, (array,) = _kernels_for("sq_norms_from_per_example", (where, leaf))
-        _checks.check_dtype(where, array.dtype)
-        _checks.per_example_leaf(where, array.shape, batch)
-        batch = array.shape[0]
-        arrays.append(array)
-    if batch is None:
+        first.setdefault(id(leaf), (position, leaf))
+    named = [(lambda position=position: _tree.path(treedef, position), leaf) for position, leaf in first.values()]
+    if not named:
         raise _checks.no_per_example_leaves()
-    out = np.zeros(batch)
-    for array in arrays:
-        rows = np.ascontiguousarray(array).reshape(batch, -1)  # a view unless the layout needs a copy
-        kernels.add_per_example_sq_norms(_kernel_view(rows), out)
-    return out
+    twin, arrays = _twin_for("sq_norms_from_per_example", *named)
+    batch = None
+    for (where, _), array in zip(named, arrays):
+        _checks.check_dtype(where, array.dtype)
+        _checks.per_example_leaf(where, tuple(array.shape), batch)
+        batch = array.shape[0]
+    return twin.sq_norms_from_per_example(arrays)
 
 
 def clip_factors(sq_norms, max_norm, eps=1e-6):
@@ -187,7 +187,15 @@ def clip_factors(sq_norms, max_norm, eps=1e-6):
         float64 ``(B,)``: ``f_i = min(1, max_norm / (n_i + eps))`` with ``n_i = √sq_norms[i]``;
         1 where ``n_i + eps = 0``, and 0 where ``n_i`` is NaN or inf (the example is dropped,
         as SPEC §9's ``clip_per_example_`` zeroes it). A second backward pass of
-        ``Σ_i f_i loss_i`` gives the clipped sum ``Σ_i f_i ∇loss_i``.
+        ``Σ_i f_i loss_i`` gives the clipped sum ``Σ_i f_i ∇loss_i``. For a CUDA
+        ``sq_norms``, a device array of its kind, computed there.
+
+    Raises
+    ------
+    ValueError
+        ``sq_norms`` not 1-d or not real; a negative value (CPU only: on the GPU values
+        are not read back to the host, and a negative one gets the factor 0, as NaN
+        does); a negative or NaN ``max_norm`` or ``eps``.
 
     Examples
     --------
@@ -197,35 +205,21 @@ def clip_factors(sq_norms, max_norm, eps=1e-6):
     """
     max_norm = _checks.nonnegative("max_norm", max_norm)
     eps = _checks.nonnegative("eps", eps)
-    _, (sq,) = _kernels_for("clip_factors", ("sq_norms", sq_norms))
-    _checks.sq_norms(sq.shape, sq.dtype)
-    sq = sq.astype(np.float64)
-    negative = np.flatnonzero(sq < 0)
-    if negative.size:
-        raise _checks.negative_sq_norm(int(negative[0]), float(sq[negative[0]]))
-    norms = np.sqrt(sq)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        factors = np.minimum(1.0, max_norm / (norms + eps))
-    factors[norms + eps == 0] = 1.0
-    factors[~np.isfinite(norms)] = 0.0
-    return factors
+    twin, (sq,) = _twin_for("clip_factors", ("sq_norms", sq_norms))
+    _checks.sq_norms(tuple(sq.shape), sq.dtype)
+    return twin.clip_factors(sq, max_norm, eps)
 
 
-def _kernels_for(function, *named):
-    """``(kernels, arrays)``: the kernel module for the arrays' device, and the arrays as it
-    reads them (NumPy views for ``ghost_cpu``). ``named``: ``(name, array)`` pairs, the name
-    a string or a callable that makes it. CUDA arrays are refused until a GPU twin exists."""
-    arrays = []
+def _twin_for(function, *named):
+    """``(twin, arrays)``: the module of operations for the arrays' device (``_ghost_cpu`` or
+    ``_ghost_cuda``), and the arrays as it reads them. ``named``: ``(name, array)`` pairs,
+    the name a string or a callable that makes it. Arrays on both devices are refused."""
+    arrays, device_of = [], {}
     for name, array in named:
         where = name if callable(name) else lambda name=name: name
-        if _dispatch.on_cuda(array):
-            raise _checks.ghost_cuda(where(), array, function)
-        arrays.append(_dispatch.as_cpu_array(array, where))
-    from ._kernels import ghost_cpu  # on first use: making its dispatchers costs milliseconds
-
-    return ghost_cpu, arrays
-
-
-def _kernel_view(array):
-    """``array`` as the kernels read it: 16-bit floats as their bit patterns (`_table.witness`)."""
-    return array.view(_table.witness(array.dtype).dtype) if array.dtype.itemsize == 2 else array
+        twin = _ghost_cuda if _dispatch.on_cuda(array) else _ghost_cpu
+        arrays.append(twin.read(array, where))
+        device_of.setdefault(twin, where)
+    if len(device_of) > 1:
+        raise _checks.ghost_devices(device_of[_ghost_cpu](), device_of[_ghost_cuda](), function)
+    return next(iter(device_of)), arrays

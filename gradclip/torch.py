@@ -51,7 +51,6 @@ import math
 import types
 import warnings
 
-import numpy as np
 import torch
 
 from . import _checks, clip, ghost, norms
@@ -270,8 +269,9 @@ class GhostClipping:
     steps) counts once, with the gradients of all its calls: its calls' sequences are
     joined for the ghost norms, its per-example gradients summed otherwise. Every
     forward call made with gradients enabled is recorded until `factors` reads it, so
-    run other passes (evaluation) under ``torch.no_grad()``, or call `remove`. CPU
-    tensors only for now (the array functions' GPU kernels are not there yet).
+    run other passes (evaluation) under ``torch.no_grad()``, or call `remove`. CUDA
+    tensors take the array functions' GPU twins, and the norms and factors stay on the
+    device (a path not yet run on a GPU: the twins are tested on numba-cuda's simulator).
 
     Examples
     --------
@@ -338,16 +338,17 @@ class GhostClipping:
                     raise _checks.ghost_modified(layer.name)
         outputs = [output for layer in self._layers for _, _, output, _ in layer.calls]
         grads = iter(torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True))
-        sq_norms = np.zeros(batch)
+        sq_norms = torch.zeros(batch, dtype=torch.float64, device=losses.device)
         for layer in self._layers:
             calls = [(inputs, kwargs, next(grads)) for inputs, kwargs, _, _ in layer.calls]
             calls = [(inputs, kwargs, g) for inputs, kwargs, g in calls if g is not None]
-            if calls:
-                sq_norms += self._sq_norms(layer, calls, batch)
+            if calls:  # a NumPy array for CPU tensors, a CUDA tensor for CUDA ones
+                sq_norms += torch.as_tensor(self._sq_norms(layer, calls, batch), device=losses.device)
         for layer in self._layers:
             layer.calls.clear()
-        self.norms = torch.from_numpy(np.sqrt(sq_norms))
-        return torch.from_numpy(ghost.clip_factors(sq_norms, self.max_norm, self.eps)).to(losses.device, losses.dtype)
+        self.norms = sq_norms.sqrt()
+        factors = ghost.clip_factors(sq_norms, self.max_norm, self.eps)
+        return torch.as_tensor(factors, device=losses.device).to(losses.dtype)
 
     def _sq_norms(self, layer, calls, batch):
         """``(B,)`` float64: the squared per-example norms of ``layer``'s trainable parameters."""

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from reference import BFLOAT16, is_complex, ref_nonfinite_mask, ref_zero_nonfinite
+from reference import BFLOAT16, is_complex, ref_dense_sq_norms, ref_nonfinite_mask, ref_zero_nonfinite, widen
 
 # --------------------------------------------------------------------------- dtypes
 
@@ -264,6 +264,24 @@ def assert_norms_close(actual, expected, rtol=RTOL, what="norms"):
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     for i, (a, e) in enumerate(zip(actual.tolist(), expected.tolist())):
         assert_norm_close(a, e, rtol, what=f"{what}[{i}]")
+
+
+def assert_dense_close(got, a, g, bias, rtol=RTOL, other=None):
+    """``got`` (dense_sq_norms' result, on the host) against the float64 reference, to
+    float64 rounding of sums whose terms may cancel: within ``rtol`` of
+    ``(Σ_t ‖a_t‖‖g_t‖)² (+ (Σ_t ‖g_t‖)²)``, a bound on the sum of the terms' magnitudes,
+    per example. ``other``: another computation of the same sums (e.g. the CPU's), to
+    compare with instead; both lie within ``rtol`` of the exact value, so within twice it
+    of each other."""
+    a, g = widen(a), widen(g)
+    if a.ndim == 2:
+        a, g = a[:, None], g[:, None]
+    a_norms, g_norms = np.linalg.norm(a, axis=2), np.linalg.norm(g, axis=2)
+    scale = (a_norms * g_norms).sum(axis=1) ** 2 + (g_norms.sum(axis=1) ** 2 if bias else 0.0)
+    expected = ref_dense_sq_norms(a, g, bias) if other is None else other
+    rtol = rtol if other is None else 2 * rtol
+    assert got.dtype == np.float64 and got.shape == expected.shape
+    assert np.all(np.abs(got - expected) <= rtol * scale), (got, expected, scale)
 
 
 def assert_zeroed(actual, before, what="leaf"):

@@ -64,6 +64,33 @@ def jobs():
     yield "finish_cuda", kernels.finish_cuda, signature
     signature = (*plan, array(np.float64), array(np.float64), i64, i64, i64, f64, f64, f64, i64)
     yield "fold_examples_cuda", private_cuda.fold_examples_cuda, signature
+    yield from ghost_jobs(array, element)
+
+
+def ghost_jobs(array, element):
+    """The ghost-norm kernels: each dtype with itself, one mixed pair, indices of two widths."""
+    import ml_dtypes
+    import numpy as np
+    from numba.cuda import types
+
+    from gradclip._kernels import ghost_cuda
+
+    i64, f64 = types.int64, types.float64
+    ghost = [np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name) for name in DTYPES[:4]]
+    pairs = [(d, d) for d in ghost] + [(np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))]
+    for a, g in pairs:
+        dense = ghost_cuda.dense_kernels_for(a, g)
+        operands = (array(element(a)), array(element(g)), array(np.float64))
+        yield f"dense_gram_cuda[{a.name},{g.name}]", dense.dense_gram_cuda, (*operands, *(i64,) * 13)
+        yield f"dense_rows_cuda[{a.name},{g.name}]", dense.dense_rows_cuda, (*operands, *(i64,) * 10)
+    for index, g in [(np.dtype(np.int64), d) for d in ghost] + [(np.dtype(np.int32), np.dtype(np.float32))]:
+        signature = (array(index), array(element(g)), array(np.float64), *(i64,) * 10)
+        yield f"embedding_cuda[{index.name},{g.name}]", ghost_cuda.embedding_for(g), signature
+    for sq in map(np.dtype, ("float16", "float32", "float64", "int64")):
+        signature = (array(sq), array(np.float64), i64, i64, i64, f64, f64)
+        yield f"clip_factors_cuda[{sq.name}]", ghost_cuda.clip_factors_for(sq), signature
+    yield "fold_cuda", ghost_cuda.fold_cuda, (array(np.float64), array(np.float64), i64, i64, i64)
+    yield "square_cuda_", ghost_cuda.square_cuda_, (array(np.float64), i64)
 
 
 def ptxas():

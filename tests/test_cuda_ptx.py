@@ -45,6 +45,7 @@ def test_every_kernel_assembles_without_spills(reports, cc):
     kernels = {row["kernel"] for row in report}
     assert {"sumsq_cuda[float32]", "scale_cuda_[bfloat16]", "clamp_cuda_[float16]", "finish_cuda"} <= kernels
     assert {"weighted_sum_cuda[complex64]", "add_noise_cuda_[bfloat16]", "fold_examples_cuda"} <= kernels
+    assert {"dense_gram_cuda[bfloat16,bfloat16]", "embedding_cuda[int64,float16]", "clip_factors_cuda[int64]"} <= kernels
     assert not any(row["kernel"].startswith("clamp_cuda_[complex") for row in report)  # complex has no order
     for row in report:
         assert row["spill_bytes"] == 0 and row["stack_bytes"] == 0, row
