@@ -59,14 +59,14 @@ def dense_sq_norms(a, g, bias):
             a_bd, g_bd = (a_steps[0], a_steps[-1]), (g_steps[0], g_steps[-1])
             plan.launcher.launch(
                 dense.dense_rows_cuda, _grid(plan, B), kernels.THREADS, [a_data, g_data, buffer],
-                _i8(B, d_in, d_out, a_off, *a_bd, g_off, *g_bd, int(bias)),
+                *_i8(B, d_in, d_out, a_off, *a_bd, g_off, *g_bd, int(bias)),
             )
             return out
         m = -(-T // kernels.TILE)
         partial, _ = plan.new(2 * B * m)
         plan.launcher.launch(
             dense.dense_gram_cuda, _grid(plan, B * m), kernels.TILE * kernels.TILE, [a_data, g_data, partial],
-            _i8(B, T, m, d_in, d_out, a_off, *a_steps, g_off, *g_steps),
+            *_i8(B, T, m, d_in, d_out, a_off, *a_steps, g_off, *g_steps),
         )
         _fold(plan, partial, buffer, B, m, 2 if bias else 1)
     return out
@@ -87,7 +87,7 @@ def embedding_sq_norms(idx, g):
         partial, _ = plan.new(B * T)
         plan.launcher.launch(
             kernels.embedding_for(g.dtype), _grid(plan, B * T), kernels.THREADS, [x_data, g_data, partial],
-            _i8(B, T, d, x_off, *x_steps, g_off, *g_steps),
+            *_i8(B, T, d, x_off, *x_steps, g_off, *g_steps),
         )
         _fold(plan, partial, buffer, B, T, 1)
     return out
@@ -103,7 +103,7 @@ def sq_norms_from_per_example(leaves):
     if cells.n:
         with cells.gpu.part as plan:
             data = _cuda._Buffer(_cuda.describe(norms, None).ptr, cells.n, np.float64, norms)
-            plan.launcher.launch(kernels.square_cuda_, _grid(plan, cells.n), kernels.THREADS, [data], _i8(cells.n))
+            plan.launcher.launch(kernels.square_cuda_, _grid(plan, cells.n), kernels.THREADS, [data], *_i8(cells.n))
     return norms
 
 
@@ -119,7 +119,7 @@ def clip_factors(sq, max_norm, eps):
         if n:
             plan.launcher.launch(
                 kernels.clip_factors_for(sq.dtype), _grid(plan, n), kernels.THREADS, [data, buffer],
-                [*_i8(n, off, step), (max_norm, "f8"), (eps, "f8")],
+                (n, off, step, max_norm, eps), ("i8", "i8", "i8", "f8", "f8"),
             )
     return out
 
@@ -149,7 +149,7 @@ def _operand(leaf):
 def _fold(plan, partial, out, B, m, parts):
     """``out[i]``: example ``i``'s ``m`` partials (of each of ``parts`` columns) added in order."""
     kernels = _kernels()
-    plan.launcher.launch(kernels.fold_cuda, -(-B // kernels.THREADS), kernels.THREADS, [partial, out], _i8(B, m, parts))
+    plan.launcher.launch(kernels.fold_cuda, -(-B // kernels.THREADS), kernels.THREADS, [partial, out], *_i8(B, m, parts))
 
 
 def _grid(plan, items):
@@ -158,4 +158,5 @@ def _grid(plan, items):
 
 
 def _i8(*values):
-    return [(int(v), "i8") for v in values]
+    """A launch's scalars ``(values, types)``, all int64."""
+    return tuple(int(v) for v in values), ("i8",) * len(values)
