@@ -122,8 +122,11 @@ def _plain_list_update(op, grads, plain, bound):
 
 
 LOOKUP_MIN = 1 << 20
-"""16-bit elements scaled by one coefficient from which a table of all 65,536 results
-(~75 us to make) is cheaper than rounding each product."""
+"""16-bit elements scaled by one coefficient from which computing all 65,536 codes'
+results first (~50-100 us) is cheaper than rounding each float64 product."""
+
+FACTOR_TRIES = 5
+"""float32 factors `kernels.float32_factor` tries (the nearest and two on each side)."""
 
 
 def scale_(batch, coef):
@@ -132,9 +135,20 @@ def scale_(batch, coef):
     for table in _tables(batch, None if scaled.all() else scaled):
         coefs = coef[table.seg_leaf]
         if table.witness.itemsize == 2 and table.size >= LOOKUP_MIN and (coefs == coefs[0]).all():
-            kernels.look_up_table(table, kernels.scaled_codes(_all_codes(table.witness.dtype), float(coefs[0])))
+            _scale_codes(table, float(coefs[0]))
         else:
             kernels.update_table(kernels.SCALE, table, coef)
+
+
+def _scale_codes(table, coef):
+    """Every element of a 16-bit table times ``coef``, by its code's exact result: in
+    float32 where a factor gives every code's, else by lookup (see kernels/cpu.py)."""
+    codes = _all_codes(table.witness.dtype)
+    results = kernels.scaled_codes(codes, coef)
+    factor = math.nan
+    if kernels.scales_in_float32(table.witness):
+        factor = kernels.float32_factor(codes, results, coef, FACTOR_TRIES)
+    kernels.scale_codes_table(table, results, factor)
 
 
 @functools.cache

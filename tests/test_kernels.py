@@ -2,12 +2,15 @@
 against the references, and the serial and parallel drivers agreeing bit for bit."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import gradclip as gc
-from gradclip import _cpu
+from gradclip import _cpu, _table
 from gradclip._kernels import cpu as kernels
 from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
 from reference import BFLOAT16, ref_clamp, ref_nonfinite_mask, ref_scale, round_to
@@ -38,8 +41,12 @@ def _kernel_dtype(half_dtype):
     return np.uint16 if half_dtype == np.float16 else np.int16
 
 
-def _narrow_one(half_dtype):
-    return kernels._f64_to_f16 if half_dtype == np.float16 else kernels._f64_to_bf16
+def _narrowers(half_dtype):
+    """The scalar float64 -> code roundings of ``half_dtype`` this machine runs: float16's
+    in integer code and, where the CPU has F16C, with its conversion."""
+    if half_dtype != np.float16:
+        return [kernels._f64_to_bf16]
+    return [kernels._f64_to_f16, *([kernels._f64_to_f16_f16c] if kernels._f16c() else [])]
 
 
 def _hard_float64_values(rng, half_dtype):
@@ -73,9 +80,9 @@ def _hard_float64_values(rng, half_dtype):
 @HALF_DTYPES
 def test_rounding_to_half_precision_is_nearest_even_once(half_dtype, rng):
     values = _hard_float64_values(rng, half_dtype)
-    narrow = _narrow_one(half_dtype)
-    got = np.array([narrow(v) for v in values], dtype=np.uint32).astype(np.uint16).view(half_dtype)
-    assert_same_bits(got, round_to(values, half_dtype))
+    for narrow in _narrowers(half_dtype):
+        got = np.array([narrow(v) for v in values], dtype=np.uint32).astype(np.uint16).view(half_dtype)
+        assert_same_bits(got, round_to(values, half_dtype), narrow.__name__)
 
 
 @HALF_DTYPES
@@ -92,6 +99,47 @@ def test_rounding_in_the_vectorised_kernel_loop(half_dtype, rng):
         scaled = codes.copy()
         kernels.scale_cpu_(scaled, coef)
         assert_same_bits(scaled.view(half_dtype), ref_scale(codes.view(half_dtype), coef), f"scaled by {coef!r}")
+
+
+WITHOUT_F16C = """
+import math
+import numpy as np
+import gradclip as gc
+from gradclip import _cpu
+from gradclip._kernels import cpu as kernels
+
+assert not kernels._f16c()
+codes = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+finite = codes[np.isfinite(codes)]
+wide = finite.astype(np.float64)
+assert np.array_equal(gc.layer_norms(list(finite.reshape(-1, 1)), np.inf), np.abs(wide))  # every value read exactly
+assert gc.grad_norm(finite) == math.sqrt(math.fsum(wide * wide))
+tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
+for total in (3.0, 1 / 0.578):
+    by_codes, by_element = tiled.copy(), tiled.copy()
+    gc.clip_grads_with_norm_(by_codes, 1.0, total, eps=0.0)  # by lookup: no float32 factor without F16C
+    _cpu.LOOKUP_MIN = math.inf
+    gc.clip_grads_with_norm_(by_element, 1.0, total, eps=0.0)
+    _cpu.LOOKUP_MIN = 1 << 20
+    assert np.array_equal(by_codes.view(np.uint16), by_element.view(np.uint16))
+    with np.errstate(invalid="ignore"):  # NaN codes
+        expected = (tiled.astype(np.float64) * (1.0 / total)).astype(np.float16)  # NumPy rounds once
+    nan = np.isnan(expected)
+    assert np.array_equal(by_codes.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    assert (by_codes.view(np.uint16)[nan] & 0x7FFF == 0x7E00).all()
+print("checked")
+"""
+
+
+def test_float16_on_a_cpu_without_f16c(tmp_path):
+    """float16 is converted with F16C where the CPU has it; for a CPU without (Numba's
+    generic target, which its cache keeps apart), the kernels read codes through a table
+    and round in integer code, with the same results: a fresh process on an empty cache."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", WITHOUT_F16C], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "checked", (done.stdout + done.stderr)[-3000:]
 
 
 @HALF_DTYPES
@@ -129,8 +177,8 @@ def test_nan_narrows_to_a_quiet_nan(half_dtype):
     else:
         expected = sign | np.uint64(0x7FC0) | ((bits >> np.uint64(45)) & np.uint64(0x7F))
     expected = expected.astype(np.uint16)
-    narrow = _narrow_one(half_dtype)
-    assert [int(narrow(v)) for v in bits.view(np.float64)] == expected.tolist()
+    for narrow in _narrowers(half_dtype):
+        assert [int(narrow(v)) for v in bits.view(np.float64)] == expected.tolist(), narrow.__name__
     many = np.tile(bits, 100).view(np.float64)  # long enough for the vector loop
     got = gc.GradAccumulator(1, average=False, accumulator_dtype=half_dtype).step(many)
     assert got.view(np.uint16).tolist() == np.tile(expected, 100).tolist()
@@ -225,13 +273,24 @@ def test_many_leaves_with_one_repeat_far_apart_count_once(rng):
         assert_same_bits(a, b)
 
 
+FLOAT32_FACTORS = {
+    # 1 / total: whether scaling in float32 gives every code's exact result with a factor
+    # that `float32_factor` finds (found), or none does and the codes are looked up
+    "float16": {2.0: True, 3.0: True, 1001.0: True, 2.0**20: True, 1e300: True, 1 / 0.3: False},
+    "bfloat16": {2.0: True, 3.0: True, 1001.0: True, 2.0**20: True, 1e300: False, 1 / 0.17857187817437192: False},
+}
+
+
 @HALF_DTYPES
-@pytest.mark.parametrize("total", [2.0, 3.0, 1001.0, 2.0**20, 1e300])
-def test_scaling_half_precision_by_lookup_equals_scaling_each_element(half_dtype, total, monkeypatch):
-    """Large half-precision leaves scaled by one coefficient go through a table of all
-    65,536 results: the same bits (NaN payloads included) as rounding each product, for
-    every code, in contiguous and strided leaves, with coefficients that make ties,
-    subnormals and zeros."""
+@pytest.mark.parametrize("case", range(6))
+def test_scaling_many_half_precision_elements_by_one_coefficient_equals_scaling_each(half_dtype, case, monkeypatch):
+    """Large half-precision leaves scaled by one coefficient go by every code's exact
+    result: in float32 with a factor checked on all 65,536 codes, or by lookup where no
+    factor gives them all (near float64 ties; bfloat16 results that are subnormal, where
+    the float32 product rounds twice; zero factors). Either way the same bits, NaN
+    payloads included, as rounding each product, for every code, in contiguous and strided
+    leaves, with coefficients that make ties, subnormals and zeros."""
+    total, in_float32 = list(FLOAT32_FACTORS[half_dtype.name].items())[case]
     codes = ALL_16_BIT_PATTERNS.view(half_dtype)
     tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
 
@@ -240,14 +299,40 @@ def test_scaling_half_precision_by_lookup_equals_scaling_each_element(half_dtype
         gc.clip_grads_with_norm_(leaves, 1.0, total, eps=0.0)
         return leaves
 
-    looked_up = []
-    look_up_table = kernels.look_up_table
-    monkeypatch.setattr(kernels, "look_up_table", lambda *args: looked_up.append(look_up_table(*args)))
-    by_table = scaled()
-    assert len(looked_up) == 1
+    factors = []
+    scale_codes_table = kernels.scale_codes_table
+    monkeypatch.setattr(kernels, "scale_codes_table", lambda *args: factors.append(args[2]) or scale_codes_table(*args))
+    by_codes = scaled()
+    assert len(factors) == 1
+    assert (not math.isnan(factors[0])) == (in_float32 and kernels.scales_in_float32(_table.witness(half_dtype)))
     monkeypatch.setattr(_cpu, "LOOKUP_MIN", math.inf)
     by_element = scaled()
-    assert len(looked_up) == 1
-    for a, b in zip(by_table, by_element):
+    assert len(factors) == 1
+    for a, b in zip(by_codes, by_element):
         assert_same_bits(a, b, nan_payload=True)
-    assert not np.array_equal(by_table[0].view(np.uint16), tiled.view(np.uint16))  # it did scale
+    assert not np.array_equal(by_codes[0].view(np.uint16), tiled.view(np.uint16))  # it did scale
+
+
+@HALF_DTYPES
+def test_a_float32_factor_is_used_only_where_it_gives_every_code_its_exact_result(half_dtype):
+    """Where the nearest float32 to the coefficient misses a code's exact result, a
+    neighbour that gives them all is taken, or none (NaN); the nearest one (wrong here)
+    is never returned."""
+    codes = ALL_16_BIT_PATTERNS.view(_kernel_dtype(half_dtype))
+    if not kernels.scales_in_float32(_table.witness(half_dtype)):
+        assert not kernels._f16c() and half_dtype == np.float16
+        return
+    # coefficient: whether a neighbour of its nearest float32 gives every code's result
+    cases = {"float16": {0.3: False, 0.578: True, 0.551: True}, "bfloat16": {0.17857187817437192: False, 0.545: True}}
+    for coef, found in cases[half_dtype.name].items():
+        exact = kernels.scaled_codes(codes, coef)
+        nearest = codes.copy()
+        kernels.scale32_cpu_(nearest, np.float32(coef))
+        assert not np.array_equal(nearest, exact), coef  # the check is needed
+        factor = kernels.float32_factor(codes, exact, coef, _cpu.FACTOR_TRIES)
+        assert (not math.isnan(factor)) == found, coef
+        if found:
+            assert factor != np.float32(coef) and abs(factor - coef) <= 3 * np.spacing(np.float32(coef))
+            got = codes.copy()
+            kernels.scale32_cpu_(got, factor)
+            assert np.array_equal(got, exact), coef
