@@ -94,11 +94,11 @@ def plain_list_norm(grads, plain, max_norm=math.inf, eps=0.0):
     """
     if plain is None:
         return None
-    dtype, required, any_of = plain
+    dtype, required = plain
     size_limit = LOOKUP_MIN if dtype.itemsize == 2 and max_norm < math.inf else kernels.NO_LIMIT
     witness = _table.witness(dtype)
     return kernels.plain_list_norm(
-        grads, dtype, required, any_of, size_limit, max_norm, eps, _TINY, _wide(witness.dtype), witness
+        grads, dtype, required, size_limit, max_norm, eps, _TINY, _wide(witness.dtype), witness
     )
 
 
