@@ -21,6 +21,10 @@ $(VENV)/.stamp-torch: | $(VENV)/bin/python
 	$(PY) -m pip install -q torch==2.13.0
 	touch $@
 
+# The test extra holds opacus, which takes any torch >= 2.6: torch goes in first, so the
+# pinned build satisfies it and no other torch is pulled.
+$(VENV)/.stamp-test: | $(VENV)/.stamp-torch
+
 demo: $(VENV)/.stamp-plot
 	$(PY) examples/exploding_rnn.py
 
@@ -37,7 +41,7 @@ GPU_JSON ?= bench/results/gpu/latest.json
 gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(dir $(GPU_JSON))
-	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py; \
+	NUMBA_ENABLE_CUDASIM=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_stateful.py tests/test_private_cuda.py; \
 	tests=$$?; $(PYTHON) bench/gpu.py --quick --json $(GPU_JSON) && exit $$tests
 
 clean:

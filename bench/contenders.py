@@ -210,3 +210,204 @@ def all_contenders():
     except ImportError as error:
         return contenders, f"torch not importable ({error}): the torch contenders are skipped"
     return contenders + [GradClipTorch(torch), Torch(torch, foreach=True), Torch(torch, foreach=False)], None
+
+
+# ---------------------------------------------------------------- private training
+# A private contender turns a workload's arrays into its handle (``prepare``, untimed)
+# and implements the operations it has:
+#
+#     clipped_sum(h, max_norm) -> (sums, norms or None)       WD1, WD2: per-example grads
+#     dp_fedavg(h, max_norm, noise_multiplier) -> (mean, norms or None)   WD3: client updates
+#     add_noise_(h, std) -> None                               WN: noise added in place
+#
+# ``eps`` is the contender's clip-factor rule: ``min(1, max_norm / (norm + eps))``.
+
+PRIVATE_SEED = 20240611
+
+
+class GradClipPrivate:
+    """gradclip's clipped_sum (Opacus' factor on per-example grads, Flower's on client
+    updates) and add_noise_ with the seeded (Philox) or ``secure`` (ChaCha20) generator."""
+
+    ops = ("clipped_sum", "dp_fedavg", "add_noise_")
+    eps = 1e-6
+
+    def __init__(self, secure=False):
+        self.name = "gradclip secure" if secure else "gradclip"
+        if secure:
+            self.ops = ("add_noise_",)
+        self.noise = gradclip.GaussianNoise(secure=True) if secure else gradclip.GaussianNoise(seed=PRIVATE_SEED)
+
+    def prepare(self, batch, form):
+        return gradclip.Examples(batch) if form == "examples" else batch
+
+    def clipped_sum(self, handle, max_norm):
+        total, stats = gradclip.clipped_sum(handle, max_norm, eps=self.eps)
+        return total, stats.norms
+
+    def dp_fedavg(self, handle, max_norm, noise_multiplier):
+        total, stats = gradclip.clipped_sum(
+            handle, max_norm, eps=0.0, noise_multiplier=noise_multiplier, noise=self.noise, normalize_by=len(handle)
+        )
+        return total, stats.norms
+
+    def add_noise_(self, handle, std):
+        gradclip.add_noise_(handle, std, self.noise)
+
+
+class Opacus:
+    """Opacus' ``DPOptimizer.clip_and_accumulate`` on the arrays as ``p.grad_sample``
+    (``torch.from_numpy``, no copy): per-parameter norms, stacked, the factor, then
+    ``einsum("i,i...")`` per parameter."""
+
+    name = "opacus clip_and_accumulate"
+    ops = ("clipped_sum",)
+    eps = 1e-6
+
+    def __init__(self, torch, optimizers):
+        self.torch = torch
+        self.optimizers = optimizers
+
+    def prepare(self, batch, form):
+        params = [self.torch.nn.Parameter(self.torch.zeros(a.shape[1:])) for a in batch]
+        optimizer = self.optimizers.DPOptimizer(
+            self.torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+            expected_batch_size=batch[0].shape[0],
+        )  # fmt: skip
+        return optimizer, params, batch
+
+    def clipped_sum(self, handle, max_norm):
+        optimizer, params, batch = handle
+        optimizer.max_grad_norm = max_norm
+        for param, a in zip(params, batch):  # a fresh, unprocessed grad_sample: a few us per parameter
+            param.grad_sample = self.torch.from_numpy(a)
+            param.summed_grad = None
+        optimizer.clip_and_accumulate()
+        return [param.summed_grad.numpy() for param in params], None
+
+
+class Optax:
+    """``optax.per_example_global_norm_clip`` under ``jax.jit`` (it returns the sum of the
+    clipped examples), on JAX copies of the arrays (made once, untimed)."""
+
+    name = "optax per_example_global_norm_clip (jit)"
+    ops = ("clipped_sum",)
+    eps = 0.0
+
+    def __init__(self, jax, optax):
+        self.jax = jax
+        self.clip = jax.jit(optax.per_example_global_norm_clip)
+
+    def prepare(self, batch, form):
+        return [self.jax.device_put(a) for a in batch]
+
+    def clipped_sum(self, handle, max_norm):
+        sums, _ = self.clip(handle, max_norm)
+        return self.jax.block_until_ready(sums), None
+
+
+class Flower:
+    """Flower's server-side fixed clipping (``DifferentialPrivacyServerSideFixedClipping``):
+    ``compute_clip_model_update`` per client (here on the update against zero parameters,
+    so that it takes the same arrays as the others), FedAvg's ``aggregate``, then the
+    noise of ``add_gaussian_noise_to_params`` without its (de)serialisation
+    (``add_gaussian_noise_inplace``: NumPy's global generator, float64 draws)."""
+
+    name = "flower"
+    ops = ("dp_fedavg", "add_noise_")
+    eps = 0.0
+
+    def __init__(self, dp, aggregate):
+        self.dp = dp
+        self.aggregate = aggregate
+
+    def prepare(self, batch, form):
+        if form == "noise":
+            return batch
+        return batch, [np.zeros_like(a) for a in batch[0]]
+
+    def dp_fedavg(self, handle, max_norm, noise_multiplier):
+        updates, zeros = handle
+        results = []
+        for update in updates:
+            params = list(update)  # compute_clip_model_update replaces its entries
+            self.dp.compute_clip_model_update(params, zeros, max_norm)
+            results.append((params, 1))
+        mean = self.aggregate(results)
+        self.dp.add_gaussian_noise_inplace(mean, self.dp.compute_stdv(noise_multiplier, max_norm, len(updates)))
+        return mean, None
+
+    def add_noise_(self, handle, std):
+        self.dp.add_gaussian_noise_inplace(handle, std)
+
+
+class NumPyNoise:
+    """``numpy.random.Generator.standard_normal`` in float32 (ziggurat), scaled and added."""
+
+    name = "numpy Generator.standard_normal"
+    ops = ("add_noise_",)
+
+    def __init__(self):
+        self.rng = np.random.default_rng(PRIVATE_SEED)
+
+    def prepare(self, batch, form):
+        return batch
+
+    def add_noise_(self, handle, std):
+        for a in handle:
+            z = self.rng.standard_normal(a.shape, dtype=a.dtype)
+            z *= std
+            a += z
+
+
+class TorchNoise:
+    """Opacus' noise: ``torch.normal(0, std, size, generator=...)`` added to each tensor."""
+
+    name = "torch.normal (opacus)"
+    ops = ("add_noise_",)
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.generator = torch.Generator().manual_seed(PRIVATE_SEED)
+
+    def prepare(self, batch, form):
+        return [self.torch.from_numpy(a) for a in batch]
+
+    def add_noise_(self, handle, std):
+        for t in handle:
+            t.add_(self.torch.normal(0.0, std, size=t.shape, generator=self.generator))
+
+
+def private_contenders():
+    """``(contenders, notes)``: the notes say which contenders are missing and why."""
+    contenders = [GradClipPrivate(), GradClipPrivate(secure=True), NumPyNoise()]
+    notes = []
+    try:
+        import torch
+        import opacus.optimizers as optimizers
+    except ImportError as error:
+        notes.append(f"opacus not importable ({error}): its contenders are skipped")
+    else:
+        contenders += [Opacus(torch, optimizers), TorchNoise(torch)]
+    try:
+        import jax
+        import optax
+    except ImportError as error:
+        notes.append(f"jax / optax not importable ({error}): the optax contender is skipped")
+    else:
+        contenders.append(Optax(jax, optax))
+    try:
+        from flwr.server.strategy.aggregate import aggregate
+
+        try:
+            from flwr.supercore import differential_privacy as dp  # flwr >= 1.2x
+        except ImportError:
+            from flwr.common import differential_privacy as dp
+    except ImportError as error:
+        notes.append(
+            f"flwr not importable ({error}): the Flower contender of WD3 is skipped (it is not in the test "
+            "extra: its server stack is heavy); pip install flwr to race it"
+        )
+    else:
+        contenders.append(Flower(dp, aggregate))
+    return contenders, notes

@@ -128,6 +128,47 @@ def results_table(record, markdown=False):
     return format_table(columns, rows, markdown)
 
 
+def private_table(record, markdown=False):
+    """One row per (private workload, contender)."""
+    columns = [
+        ("workload", "<"), ("operation", "<"), ("contender", "<"), ("median", ">"), ("min", ">"), ("GB/s", ">"),
+        ("samples/s", ">"), ("of limit", ">"), ("gradclip x", ">"), ("norm err", ">"), ("sum / noise err", ">"),
+    ]  # fmt: skip
+    rows = []
+    for w in record["private"]:
+        if rows:
+            rows.append(None)
+        for i, (contender, r) in enumerate(w["rows"].items()):
+            rate = r["samples_per_s"]
+            rows.append([
+                f"{w['name']} {w['title']}" if i == 0 else "",
+                w["operation"] if i == 0 else "",
+                contender,
+                seconds(r["median_s"]),
+                seconds(r["min_s"]),
+                _three_digits(r["gbps"]),
+                f"{rate:.3g}" if rate else DASH,
+                _percent(r["of_limit"]),
+                "" if contender == "gradclip" else f"{r['gradclip_speedup']:.2f}x",
+                _relative_error(r["norm_error"]),
+                _relative_error(r["error"]),
+            ])  # fmt: skip
+    return format_table(columns, rows, markdown)
+
+
+def private_memory_lines(record):
+    """gradclip's peak traced allocation per clipped-sum workload, against the result's size."""
+    lines = []
+    for w in record["private"]:
+        if w["memory"]:
+            peak, result = w["memory"]["peak_bytes"], w["memory"]["result_bytes"]
+            lines.append(
+                f"{w['name']}: clipped_sum's peak allocation {peak / 1e6:.1f} MB, "
+                f"{peak / result:.3f}x the result's {result / 1e6:.1f} MB"
+            )
+    return lines
+
+
 def cold_start_table(record, markdown=False):
     labels = {
         "import": "import gradclip",
@@ -157,6 +198,16 @@ def problems(record):
     ]
 
 
+PRIVATE_LEGEND = (
+    "Private training: WD1/WD2 the sum of clipped per-example gradients (bound: the median example norm; Opacus' "
+    "factor for gradclip), WD3 a DP-FedAvg round (clip, average, noise; Flower's factor), WN noise added in "
+    "place. GB/s: two passes over the bytes (two reads; WN a read and a write). of limit: the probe's two read "
+    "passes (WN: its read+write pass) / median. gradclip x: this contender's median / gradclip's. norm err: "
+    "per-example norms vs float64; sum / noise err: the sum (WD3 without noise) vs a float64 one with the "
+    "contender's own factor, relative to its largest value, or (WN) |std of the added noise / std - 1|."
+)
+
+
 def render(record, markdown=False):
     """Every table of ``record``, fixed-width or markdown."""
     legend = (
@@ -166,7 +217,10 @@ def render(record, markdown=False):
         "arrays, gradclip.torch on the tensors). rel. error: the returned norm vs a float64 reference."
     )
     parts = [machine_summary(record), *record["notes"]]
-    parts += [workloads_table(record, markdown), results_table(record, markdown)]
+    if record["workloads"]:
+        parts += [workloads_table(record, markdown), results_table(record, markdown)]
+    if record.get("private"):
+        parts += [private_table(record, markdown), "\n".join(private_memory_lines(record)), PRIVATE_LEGEND]
     if record["cold_start"]:
         parts.append(cold_start_table(record, markdown))
     parts.append(legend)

@@ -4,7 +4,9 @@ Run ``make bench`` (``BENCH_ARGS="--quick"`` etc.) or ``.venv/bin/python bench/r
 
     --quick          W1 at 16M elements, 3 repeats for the big workloads, and the
                      others stop after 3 once an operation has taken QUICK_BUDGET_S
-    --only W2,W4     only these workloads or families (W2 = W2, W2-bf16, W2-fp16)
+    --only W2,W4     only these workloads or families (W2 = W2, W2-bf16, W2-fp16;
+                     WD = the private-training workloads WD1-WD3 and WN; G1..G3 or
+                     "ghost": the ghost-norm rows against Opacus, ghost.py)
     --repeats N      repeats for every workload (default 7; see --quick)
     --markdown       print GitHub-markdown tables instead of fixed-width ones
     --plot PATH      bar chart of GB/s (needs matplotlib)
@@ -22,6 +24,12 @@ clips the same data.
 Threads: Numba and torch use their defaults (all cores). On a busy machine
 their parallel launches wait for a free core; the tables then say so, and
 ``NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1`` gives a single-thread comparison.
+
+Private training (WD1-WD3, WN; ``--only WD``): the sum of clipped per-example
+gradients against Opacus and optax, a DP-FedAvg round against Flower, and noise
+added in place against NumPy, torch (Opacus' noise) and Flower, each held against
+the probe (two read passes; the read+write pass for the noise); see
+``measure_private_workload``.
 
 Figures per (workload, operation, contender): median and min seconds per call;
 GB/s = gradient bytes x (2 for the clipping operations, which write, else 1) /
@@ -50,10 +58,30 @@ import numpy as np
 
 import report
 from coldstart import measure_cold_start
-from contenders import EPS, OPS, TORCH_BFLOAT16_NOTE, WRITING_OPS, accumulator_dtype, all_contenders
+from contenders import (
+    EPS,
+    OPS,
+    TORCH_BFLOAT16_NOTE,
+    WRITING_OPS,
+    accumulator_dtype,
+    all_contenders,
+    private_contenders,
+)
 from probe import measure_probe
 from timing import Timed, measure_interleaved
-from workloads import CLIP_TO, CLIP_VALUE, all_workloads, reference_norm
+from workloads import (
+    CLIP_TO,
+    CLIP_VALUE,
+    NOISE_STD,
+    PRIVATE_NOISE_MULTIPLIER,
+    all_workloads,
+    private_workloads,
+    reference_clipped_sum,
+    reference_example_norms,
+    reference_norm,
+)
+
+import ghost  # ghost norms against Opacus (issue 16): their own workloads, table and record entry
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -97,12 +125,17 @@ def parse_args(argv):
 
 
 def selected_workloads(parser, args):
+    """``(workloads, private workloads, ghost workloads)`` selected by ``--only``."""
     tokens = {token.strip().lower() for token in args.only.split(",") if token.strip()}
-    workloads = all_workloads(args.quick)
-    known = {w.name.lower() for w in workloads} | {w.family.lower() for w in workloads}
+    workloads, private = all_workloads(args.quick), private_workloads()
+    known = {name for w in workloads + private for name in (w.name.lower(), w.family.lower())} | ghost.names()
     if tokens - known:
         parser.error(f"unknown workload(s) {sorted(tokens - known)}; choose from {sorted(known)}")
-    return [w for w in workloads if w.selected_by(tokens)]
+    return (
+        [w for w in workloads if w.selected_by(tokens)],
+        [w for w in private if w.selected_by(tokens)],
+        ghost.selected(tokens or {"ghost"}),
+    )
 
 
 def repeats_for(workload, args):
@@ -255,6 +288,125 @@ def measure_workload(workload, contenders, repeats, budget_s):
     }
 
 
+# ---------------------------------------------------------- private training
+# WD1, WD2: the sum of clipped per-example gradients (no noise; Opacus adds its noise in
+# another step); WD3: a DP-FedAvg round (clip each client's update, average, add noise);
+# WN: noise added in place. The limit is two read passes of the probe for the sums (the
+# norms, then the weighted sum, which writes only the result) and its read+write pass for
+# the noise. Each contender is checked once before timing: its sum (WD3: without noise)
+# against a float64 one with its own clip factor, its per-example norms if it returns
+# them, and (WN) the std of the noise it added.
+
+PRIVATE_LIMIT = {"clipped_sum": "two_reads", "dp_fedavg": "two_reads", "add_noise_": "read_write_s"}
+
+
+def _private_op(workload):
+    return {"stacked": "clipped_sum", "examples": "dp_fedavg", "noise": "add_noise_"}[workload.form]
+
+
+def _largest_error(got, expected):
+    """The largest error of ``got`` (arrays) against ``expected``, relative to the largest |value|."""
+    worst = max(float(np.max(np.abs(e))) for e in expected) or 1.0
+    return max(float(np.max(np.abs(np.asarray(g, np.float64) - e))) for g, e in zip(got, expected)) / worst
+
+
+def check_private(op, contender, handle, batch, workload, reference, max_norm):
+    """``(norm error, sum or noise error)`` of one untimed call, on a copy where it writes."""
+    if op == "add_noise_":
+        largest = max(range(len(batch)), key=lambda k: batch[k].size)
+        before = batch[largest].astype(np.float64)
+        contender.add_noise_(handle, NOISE_STD)
+        observed = float(np.std(batch[largest].astype(np.float64) - before)) / NOISE_STD
+        return None, abs(observed - 1.0)
+    stacked = workload.form == "stacked"
+    if op == "clipped_sum":
+        sums, norms = contender.clipped_sum(handle, max_norm)
+    else:
+        sums, norms = contender.dp_fedavg(handle, max_norm, 0.0)
+    eps = contender.eps if op == "clipped_sum" else 0.0
+    factors = np.minimum(1.0, max_norm / (reference + eps))
+    expected = reference_clipped_sum(batch, stacked, factors)
+    if op == "dp_fedavg":
+        expected = [e / workload.examples for e in expected]
+    norm_error = None if norms is None else float(np.max(np.abs(norms - reference) / reference))
+    return norm_error, _largest_error(sums, expected)
+
+
+def private_memory(op, contender, handle, max_norm):
+    """gradclip's peak traced allocation over one call, and the result's bytes."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result, _ = contender.clipped_sum(handle, max_norm) if op == "clipped_sum" else contender.dp_fedavg(
+            handle, max_norm, PRIVATE_NOISE_MULTIPLIER
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return {"peak_bytes": peak, "result_bytes": sum(np.asarray(r).nbytes for r in result)}
+
+
+def measure_private_workload(workload, contenders, repeats, budget_s):
+    """Every figure of one private-training workload; its arrays are freed on return."""
+    op = _private_op(workload)
+    racing = [c for c in contenders if op in c.ops]
+    label = f"{workload.name} ({workload.title}, {workload.nbytes / 1e6:.1f} MB)"
+    progress(f"{label}: probe, {repeats} repeats")
+    probe = measure_probe(workload.nbytes, repeats)
+    progress(f"{label}: building")
+    batch = workload.build()
+    arrays = batch[0] if workload.form == "noise" else batch
+    handles = {c.name: c.prepare(arrays, workload.form) for c in racing}
+    reference, max_norm, arguments = None, None, (NOISE_STD,)
+    if op != "add_noise_":
+        progress(f"{label}: float64 references")
+        reference = reference_example_norms(batch, workload.form == "stacked")
+        max_norm = float(np.median(reference))
+        arguments = (max_norm,) if op == "clipped_sum" else (max_norm, PRIVATE_NOISE_MULTIPLIER)
+    progress(f"{label}: {op}, {len(racing)} contenders x {repeats} repeats")
+    checks = {c.name: check_private(op, c, handles[c.name], arrays, workload, reference, max_norm) for c in racing}
+    items = [Timed(c.name, lambda _, c=c: getattr(c, op)(handles[c.name], *arguments)) for c in racing]
+    samples = measure_interleaved(items, repeats, budget_s)
+    limit_s = 2 * probe["read_s"] if PRIVATE_LIMIT[op] == "two_reads" else probe[PRIVATE_LIMIT[op]]
+    ours = samples["gradclip"].median
+    rows = {}
+    for c in racing:
+        median = samples[c.name].median
+        rows[c.name] = {
+            "median_s": median,
+            "min_s": samples[c.name].min,
+            "samples_s": samples[c.name].seconds,
+            "of_limit": limit_s / median,
+            "gbps": 2 * workload.nbytes / median / 1e9,  # two reads, or a read and a write
+            "samples_per_s": workload.elements / median if op == "add_noise_" else None,
+            "gradclip_speedup": median / ours,
+            "norm_error": checks[c.name][0],
+            "error": checks[c.name][1],
+        }
+    memory = None
+    if op != "add_noise_":
+        gradclip_contender = next(c for c in racing if c.name == "gradclip")
+        memory = private_memory(op, gradclip_contender, handles["gradclip"], max_norm)
+    return {
+        "name": workload.name,
+        "title": workload.title,
+        "operation": op,
+        "examples": workload.examples,
+        "leaves": workload.leaves,
+        "elements": workload.elements,
+        "bytes": workload.nbytes,
+        "repeats": repeats,
+        "max_norm": max_norm,
+        "noise_multiplier": PRIVATE_NOISE_MULTIPLIER if op == "dp_fedavg" else None,
+        "noise_std": NOISE_STD if op == "add_noise_" else None,
+        "probe": probe,
+        "limit_s": limit_s,
+        "memory": memory,
+        "rows": rows,
+    }
+
+
 # ------------------------------------------------------------- machine
 
 
@@ -307,15 +459,23 @@ def machine_info(git_revision, load_at_start):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    workloads = selected_workloads(parser, args)
+    workloads, private, ghost_workloads = selected_workloads(parser, args)
     contenders, torch_note = all_contenders()
     if torch_note:
         progress(torch_note)
+    privates, private_notes = private_contenders() if private else ([], [])
+    for note in private_notes:
+        progress(note)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = os.getloadavg()
     git_revision = _git_revision()  # of the gradclip imported now, should the tree change during the run
     budget_s = QUICK_BUDGET_S if args.quick else math.inf
     results = [measure_workload(w, contenders, repeats_for(w, args), budget_s) for w in workloads]
+    private_results = [
+        measure_private_workload(w, privates, args.repeats or (3 if args.quick else 7), budget_s) for w in private
+    ]
+    ghost_repeats = args.repeats or (ghost.QUICK_REPEATS if args.quick else ghost.REPEATS)
+    ghost_results = [ghost.measure(w, ghost_repeats, progress) for w in ghost_workloads]
     cold_start, cold_start_failure = None, None
     if not args.no_cold_start:
         progress("cold start: fresh interpreters")
@@ -324,7 +484,7 @@ def main(argv=None):
         except RuntimeError as error:  # keep the figures measured so far
             cold_start_failure = f"Cold start not measured: {error}"
             progress(cold_start_failure)
-    notes = [note for note in (torch_note, cold_start_failure) if note]
+    notes = [note for note in (torch_note, *private_notes, cold_start_failure) if note]
     if not torch_note and any(w.dtype_name == "bfloat16" for w in workloads):
         notes.append(TORCH_BFLOAT16_NOTE)
     cpus = os.cpu_count() or 1
@@ -346,12 +506,19 @@ def main(argv=None):
         "notes": notes,
         "machine": machine_info(git_revision, load_at_start),
         "workloads": results,
+        "private": private_results,
         "cold_start": cold_start,
+        "ghost": ghost_results,
     }
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, started.strftime("%Y%m%dT%H%M%SZ") + ".json")
     report.write_json(record, path)
-    print(report.render(record, markdown=args.markdown))
+    if results or private_results or not ghost_results:
+        print(report.render(record, markdown=args.markdown))
+    else:
+        print(report.machine_summary(record))
+    if ghost_results:
+        print("\n" + ghost.render(ghost_results, markdown=args.markdown))
     if args.plot:
         print(report.plot(record, args.plot))
     progress(f"done; every figure is in {os.path.relpath(path)}")

@@ -206,3 +206,118 @@ def all_workloads(quick):
         Workload("W4-fresh", "W4", "many-small, fresh arrays", ((256,),) * 10_000, fresh=True),
         Workload("W5", "W5", "tiny 100 x 10", ((10,),) * 100),
     ]
+
+
+# ---------------------------------------------------------------- private training
+# Per-example (or per-client) gradients: one example's shapes, B examples of them. The
+# norm bound is the median of the examples' norms, so half the examples are clipped.
+
+RESNET18_LEAVES = 62
+RESNET18_ELEMENTS = 11_689_512
+PRIVATE_NOISE_MULTIPLIER = 1.0
+NOISE_STD = 1e-3
+"""The std of the noise-only workload (small: the timed calls add noise to the same data
+over and over)."""
+
+
+def resnet18_shapes():
+    """The 62 parameter shapes of torchvision's ResNet-18: stem conv 7x7 + batch norm; four
+    stages of two basic blocks (two 3x3 convs, each with a batch norm; widths 64/128/256/512),
+    the first block of stages 2-4 with a 1x1 downsample conv + batch norm; fc 1000x512 + bias."""
+
+    def conv_bn(out_channels, in_channels, kernel):
+        return [(out_channels, in_channels, kernel, kernel), (out_channels,), (out_channels,)]
+
+    shapes = conv_bn(64, 3, 7)
+    channels = 64
+    for width in (64, 128, 256, 512):
+        for block in range(2):
+            shapes += conv_bn(width, channels, 3) + conv_bn(width, width, 3)
+            if block == 0 and width != channels:
+                shapes += conv_bn(width, channels, 1)  # downsample
+            channels = width
+    shapes += [(1000, 512), (1000,)]
+    assert len(shapes) == RESNET18_LEAVES, len(shapes)
+    assert sum(math.prod(s) for s in shapes) == RESNET18_ELEMENTS
+    return shapes
+
+
+def mnist_mlp_shapes():
+    """A 784-128-10 MLP in PyTorch's (out, in) layout: 101,770 parameters."""
+    return [(128, 784), (128,), (10, 128), (10,)]
+
+
+def cifar_cnn_shapes():
+    """A CIFAR-10 CNN of 1,203,338 parameters: two 5x5 convs (32, 64 channels), dense
+    1600-640-192-10."""
+    return [(32, 3, 5, 5), (32,), (64, 32, 5, 5), (64,), (640, 1600), (640,), (192, 640), (192,), (10, 192), (10,)]
+
+
+@dataclass(frozen=True)
+class PrivateWorkload:
+    """A private-training workload: ``examples`` per-example gradients of ``shapes``
+    (float32), ``stacked`` (the example axis first in every leaf) or as separate lists
+    (``form="examples"``, client updates); or ``form="noise"``: one set of ``shapes`` that
+    noise is added to."""
+
+    name: str
+    title: str
+    shapes: tuple
+    examples: int
+    form: str
+    family: str = "WD"
+    dtype_name: str = "float32"
+
+    @property
+    def elements(self):
+        """Elements of all examples together."""
+        return self.examples * sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def nbytes(self):
+        return self.elements * 4
+
+    @property
+    def leaves(self):
+        return len(self.shapes)
+
+    def selected_by(self, tokens):
+        return not tokens or self.name.lower() in tokens or self.family.lower() in tokens
+
+    def build(self):
+        """The arrays: a list of (B, ...) leaves, a list of B lists of leaves, or (noise) a list."""
+        rng = np.random.default_rng(SEED)
+        if self.form == "stacked":
+            return [rng.standard_normal((self.examples, *shape), dtype=np.float32) for shape in self.shapes]
+        return [
+            [rng.standard_normal(shape, dtype=np.float32) for shape in self.shapes] for _ in range(self.examples)
+        ]  # fmt: skip
+
+
+def private_workloads():
+    """WD1-WD3 (clipped sums) and WN (noise), in report order."""
+    return [
+        PrivateWorkload("WD1", "ResNet-18, B = 32", tuple(resnet18_shapes()), 32, "stacked"),
+        PrivateWorkload("WD2", "784-128-10 MLP, B = 1,024", tuple(mnist_mlp_shapes()), 1024, "stacked"),
+        PrivateWorkload("WD3", "CIFAR CNN, 100 clients", tuple(cifar_cnn_shapes()), 100, "examples"),
+        PrivateWorkload("WN", "gpt2-small noise", tuple(gpt2_small_shapes()), 1, "noise"),
+    ]
+
+
+def reference_example_norms(batch, stacked):
+    """Each example's 2-norm to float64 accuracy (see `reference_norm`)."""
+    examples = range(batch[0].shape[0]) if stacked else range(len(batch))
+    return np.array([reference_norm([g[i] for g in batch] if stacked else batch[i]) for i in examples])
+
+
+def reference_clipped_sum(batch, stacked, factors):
+    """``Σ_i factors[i] g_i`` per leaf in float64 (example by example, float64 products)."""
+    leaves = len(batch) if stacked else len(batch[0])
+    sums = []
+    for k in range(leaves):
+        cells = batch[k] if stacked else [example[k] for example in batch]
+        total = np.zeros(cells[0].shape)
+        for f, cell in zip(factors, cells):
+            total += f * cell.astype(np.float64)
+        sums.append(total)
+    return sums

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import _checks, _cpu, _cuda, _dispatch
+from . import _checks, _cpu, _cuda, _dispatch, _private_cpu, _private_cuda
 
 
 def _gpu_only(batch):
@@ -139,6 +139,23 @@ def zero_nonfinite_(batch):
     return on_gpu if _gpu_only(batch) else changed + int(_cuda.to_host(on_gpu))
 
 
+def add_noise_(batch, std, noise):
+    """Add ``std`` times the next draws of ``noise`` to every unique leaf, in place: leaf
+    after leaf, each in its memory order (a complex element takes two draws)."""
+    sizes = [leaf.size * (2 if leaf.dtype.kind == "c" else 1) for leaf in batch.unique_leaves()]
+    ends = np.cumsum(sizes, dtype=np.int64)
+    starts = noise._take(int(ends[-1]) if sizes else 0) + ends - sizes
+    _private_cpu.add_noise_(batch, std, noise, starts)
+    if batch.cuda:
+        _private_cuda.add_noise_(batch, std, noise, starts[batch.cuda.unique])
+
+
+def host_values(value):
+    """``value`` as the host sees it: a NumPy copy of a device array (which waits for the
+    GPU), anything else as it is."""
+    return _cuda.host_copy(value) if _dispatch.on_cuda(value) else value
+
+
 def units(leaf, unit_axes):
     """AGC's units of ``leaf`` (a NumPy array or a GPU leaf): one array per index of the axes
     not in ``unit_axes``."""
@@ -151,10 +168,7 @@ def units(leaf, unit_axes):
 
 def position_leaves(batch):
     """The leaf at every position: a NumPy array, or a GPU leaf (``_cuda.DeviceLeaf``)."""
-    leaves = list(batch.arrays)
-    if batch.cuda:
-        for u, leaf in zip(batch.cuda.unique.tolist(), batch.cuda.leaves):
-            leaves[u] = leaf
+    leaves = batch.unique_leaves()
     return [leaves[u] for u in batch.unique_of.tolist()]
 
 

@@ -46,6 +46,14 @@ class Batch:
                 arrays[u] = result
         return copied
 
+    def unique_leaves(self):
+        """Every unique leaf: its NumPy array, or its GPU leaf (``_cuda.DeviceLeaf``)."""
+        leaves = list(self.arrays)
+        if self.cuda:
+            for u, leaf in zip(self.cuda.unique.tolist(), self.cuda.leaves):
+                leaves[u] = leaf
+        return leaves
+
     def rebuild(self, owned=True):
         """The leaves in the caller's structure and framework (`_dispatch.like`): NumPy
         scalars come back as scalars, torch tensors as tensors, JAX arrays as JAX arrays.

@@ -576,3 +576,337 @@ def accumulation_mismatch(where, what, expected, got):
         "every micro-batch must have the structure, shapes and dtypes of the first (the "
         "accumulated state is unchanged; call reset() to accumulate different gradients)"
     )
+
+
+# --------------------------------------------------------------------------- private training
+
+
+def finite_nonnegative(name, value):
+    """``value`` as a finite float >= 0."""
+    x = _real(name, value)
+    if not 0 <= x < np.inf:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    return x
+
+
+def finite_positive(name, value):
+    """``value`` as a finite float > 0."""
+    x = _real(name, value)
+    if not 0 < x < np.inf:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return x
+
+
+def no_example_axis(where):
+    return ValueError(
+        f"{where} is 0-d, but every leaf of a stacked batch has the example axis first (shape (B, ...)); "
+        "stack the per-example gradients along axis 0, or pass gradclip.Examples([...]) of separate examples"
+    )
+
+
+def example_counts_differ(first, n, where, m):
+    return ValueError(
+        f"{where} holds {m} examples (its first axis) but {first} holds {n}; every leaf of a stacked batch "
+        "has the example axis first, with the same length B"
+    )
+
+
+def in_example(index, error):
+    """``error`` (raised for one example of a gradclip.Examples) with the example named."""
+    return type(error)(f"examples[{index}]: {error}")
+
+
+def example_differs(index, where, what, expected, got):
+    return ValueError(
+        f"examples[{index}] differs from examples[0] in {what} at {where}: expected {expected}, got {got}; "
+        "every example must have the structure, shapes and dtypes of the first"
+    )
+
+
+def examples_on_two_devices(cpu_where, gpu_where):
+    return ValueError(
+        f"{cpu_where} is a CPU array but {gpu_where} a CUDA array; a batch of examples lives on one "
+        "device: move its leaves to one (e.g. tensor.cuda(), cupy.asarray)"
+    )
+
+
+def example_on_other_device(index, on_gpu):
+    here, there = ("CUDA", "CPU") if on_gpu else ("CPU", "CUDA")
+    return ValueError(
+        f"examples[{index}] holds {here} arrays but examples[0] {there} arrays; a batch of examples lives "
+        "on one device: move every example to one"
+    )
+
+
+def example_shares_array(first, second, where, function):
+    return ValueError(
+        f"examples[{second}] holds the same array as examples[{first}] at {where}; {function} scales each "
+        "example in place and would scale that memory twice; pass separate arrays (e.g. copies)"
+    )
+
+
+def no_examples(function):
+    return ValueError(
+        f"{function} was given gradclip.Examples([]), and takes the structure of its result from the "
+        "examples; pass at least one example (a stacked batch with B = 0 is fine)"
+    )
+
+
+def not_examples(value):
+    return TypeError(
+        f"Examples takes a sequence of examples (each a grads container); got {type(value).__name__}"
+    )
+
+
+def bounds_count(got, expected):
+    return ValueError(
+        f"max_norm holds {got} bounds; per-layer clipping takes one bound per leaf of an example "
+        f"({expected}, in flattening order), or pass one number to clip each example's global norm"
+    )
+
+
+def repeated_leaf_bounds(first, where, bound, other):
+    return ValueError(
+        f"{where} is the same array as {first} but has bound {other} where {first} has {bound}; "
+        "a repeated leaf is clipped once: give it one bound"
+    )
+
+
+def noise_needs_finite_bound(bound):
+    return ValueError(
+        f"noise_multiplier > 0 needs finite bounds (the noise std is noise_multiplier times the bound); "
+        f"got max_norm {bound}"
+    )
+
+
+def noise_type(value):
+    return TypeError(
+        f"noise must be a gradclip.GaussianNoise (or None for a fresh one seeded from the OS); "
+        f"got {type(value).__name__}"
+    )
+
+
+def seed(value):
+    """``value`` (a GaussianNoise seed) as an int >= 0, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise TypeError(f"seed must be None or an int >= 0; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def secure_seed():
+    return ValueError(
+        "GaussianNoise(secure=True) takes no seed: its key comes from the OS's entropy (os.urandom), so "
+        "that no run can repeat it; drop seed=, or pass secure=False for a reproducible stream"
+    )
+
+
+def secure_state(method):
+    return ValueError(
+        f"GaussianNoise.{method}: a secure generator's key never leaves it and no key can be put in; "
+        "after a restart create a new GaussianNoise(secure=True)"
+    )
+
+
+def norms_vector(value):
+    """``value`` as a 1-d float64 array of norms."""
+    norms = np.asarray(value)
+    if norms.ndim != 1 or norms.dtype.kind not in "fiu":
+        raise TypeError(
+            f"norms must be a 1-d array of real numbers, one per example (e.g. stats.norms of "
+            f"clipped_sum); got {type(value).__name__} with shape {norms.shape} and dtype {norms.dtype}"
+        )
+    return norms.astype(np.float64)
+
+
+def quantile_state(name, value):
+    return ValueError(f"QuantileClipNorm.load_state_dict: {name} must be a finite number > 0; got {value!r}")
+
+
+def dp_accounting_missing(error):
+    return ImportError(
+        f"gradclip.privacy uses Google's dp-accounting, which could not be imported ({error}); install "
+        "it with: pip install 'gradclip[dp]'"
+    )
+
+
+def accountant(value):
+    if value not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be 'rdp' or 'pld'; got {value!r}")
+    return value
+
+
+def open_unit(name, value, closed_above=False):
+    """``value`` as a float in (0, 1) (or (0, 1] if ``closed_above``)."""
+    x = _real(name, value)
+    if not (0 < x < 1 or (closed_above and x == 1)):
+        raise ValueError(f"{name} must be in (0, 1{']' if closed_above else ')'}; got {value!r}")
+    return x
+
+
+_OUT_OF_PLACE_TWIN["clip_per_example_"] = "clip_per_example"  # named by raise_read_only
+
+
+# --------------------------------------------------------------------------- ghost norms
+
+GHOST_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def ghost_cuda(name, array, function):
+    return NotImplementedError(
+        f"{name} is a CUDA array ({type(array).__module__}.{type(array).__name__}) and {function} "
+        "has CPU kernels only for now; pass host arrays (e.g. tensor.cpu(), cupy.asnumpy(x), "
+        "jax.device_get(x))"
+    )
+
+
+def ghost_dtype(name, dtype, function):
+    """``dtype`` (of ``name``) is one of `GHOST_DTYPES`, native."""
+    if dtype.name not in GHOST_DTYPES or not dtype.isnative:
+        raise TypeError(
+            f"{name} has dtype {dtype}; {function} expects a real floating dtype, one of "
+            f"{', '.join(GHOST_DTYPES)} in native byte order (convert it, e.g. with .astype(np.float32))"
+        )
+
+
+def ghost_indices_dtype(dtype):
+    if dtype.kind not in "iu":
+        raise TypeError(
+            f"indices has dtype {dtype}; embedding_sq_norms expects integer token indices "
+            "(convert them, e.g. with .astype(np.int64))"
+        )
+
+
+def dense_shapes(activations, output_grads):
+    """``activations`` / ``output_grads`` shapes are (B, d_in) / (B, d_out) or
+    (B, T, d_in) / (B, T, d_out)."""
+    if len(activations) not in (2, 3) or len(output_grads) != len(activations) or (
+        activations[:-1] != output_grads[:-1]
+    ):
+        raise ValueError(
+            f"activations has shape {activations} and output_grads {output_grads}; expected "
+            "(B, d_in) and (B, d_out), or (B, T, d_in) and (B, T, d_out): the layer's input and the "
+            "gradient of the loss with respect to its output, with the same batch (and sequence) axes"
+        )
+
+
+def embedding_shapes(indices, output_grads):
+    """``indices`` / ``output_grads`` shapes are (B,) / (B, d) or (B, T) / (B, T, d)."""
+    if len(indices) not in (1, 2) or len(output_grads) != len(indices) + 1 or indices != output_grads[:-1]:
+        raise ValueError(
+            f"indices has shape {indices} and output_grads {output_grads}; expected (B,) and "
+            "(B, d), or (B, T) and (B, T, d): the embedding's input indices and the gradient of the "
+            "loss with respect to its output"
+        )
+
+
+def per_example_leaf(where, shape, batch):
+    """A stacked per-example leaf: at least one axis, of length ``batch`` (None: the first leaf's)."""
+    if not shape:
+        raise ValueError(
+            f"{where()} is 0-d; per-example gradients are stacked on axis 0 (shape (B, ...)), "
+            "one row per example"
+        )
+    if batch is not None and shape[0] != batch:
+        raise ValueError(
+            f"{where()} has {shape[0]} examples on axis 0 (shape {shape}) but the first leaf has "
+            f"{batch}; every leaf must stack the same examples"
+        )
+
+
+def no_per_example_leaves():
+    return ValueError(
+        "grads holds no arrays; expected per-example gradients stacked on axis 0, e.g. from "
+        "torch.func.vmap(torch.func.grad(f)) or jax.vmap(jax.grad(f))"
+    )
+
+
+def sq_norms(shape, dtype):
+    """``sq_norms`` is a 1-d real array."""
+    if len(shape) != 1 or dtype.kind not in "fiu":
+        raise ValueError(
+            f"sq_norms has shape {shape} and dtype {dtype}; expected a 1-d array of real squared "
+            "norms, one per example (e.g. from dense_sq_norms)"
+        )
+
+
+def negative_sq_norm(position, value):
+    return ValueError(
+        f"sq_norms[{position}] is {value!r}; squared norms are >= 0 (NaN and inf are allowed: "
+        "such an example gets the factor 0)"
+    )
+
+
+def ghost_model(model):
+    if not hasattr(model, "modules") or not hasattr(model, "register_forward_hook"):
+        raise TypeError(f"GhostClipping takes a torch.nn.Module; got {type(model).__name__}")
+
+
+def ghost_tied(parameter_name, first, second):
+    return ValueError(
+        f"parameter {parameter_name} belongs to both {first} and {second}; ghost norms need each "
+        "trainable parameter in one module (a tied weight's per-example norm has cross terms): "
+        "untie it, or freeze it with requires_grad_(False)"
+    )
+
+
+def ghost_unsupported(name, module, why):
+    return NotImplementedError(
+        f"{name} ({type(module).__name__}) {why}; GhostClipping cannot give its per-example "
+        "gradient norms: replace the layer, or freeze its parameters with requires_grad_(False)"
+    )
+
+
+def ghost_losses(losses):
+    """``losses`` is a 1-d tensor of per-example losses that requires grad."""
+    import torch
+
+    if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or not losses.requires_grad:
+        what = (
+            f"a tensor of shape {tuple(losses.shape)}, requires_grad={losses.requires_grad}"
+            if isinstance(losses, torch.Tensor)
+            else type(losses).__name__
+        )
+        raise ValueError(
+            f"losses must be a 1-d tensor of per-example losses that requires grad (e.g. "
+            f"loss_fn(model(x), y) with reduction='none'); got {what}"
+        )
+
+
+def ghost_no_forward():
+    return RuntimeError(
+        "GhostClipping.factors: no forward pass was recorded; call the model (with gradients "
+        "enabled) on the batch first, then pass its per-example losses"
+    )
+
+
+def ghost_not_run(name, module):
+    return RuntimeError(
+        f"{name} ({type(module).__name__}) has trainable parameters but its forward did not run "
+        "in this step, so its gradient norms would be missing (a parent module may use its "
+        "weights directly, as nn.MultiheadAttention does with out_proj); freeze it with "
+        "requires_grad_(False), or remove it if it is unused"
+    )
+
+
+def ghost_batch(name, shape, batch):
+    return ValueError(
+        f"{name} got an input of shape {shape}, but losses has {batch} examples; every layer "
+        "must see the examples on axis 0 of its inputs (batch_first) and the same B"
+    )
+
+
+def ghost_modified(name):
+    return RuntimeError(
+        f"the output of {name} was modified in place after the layer ran (e.g. by "
+        "ReLU(inplace=True)), so its output gradient cannot be read; make that operation "
+        "out of place"
+    )
+
+
+def ghost_output(name, output):
+    return NotImplementedError(
+        f"{name} returned {type(output).__name__}; GhostClipping reads per-example gradients of "
+        "layers that return one tensor"
+    )

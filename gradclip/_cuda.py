@@ -439,26 +439,33 @@ class _Group:
 
 
 def _layout(leaves, positions, orders, device):
-    """The host side of a `Plan`: ``(table, groups, row_of, nrows, width, scratch size)``
-    (see ``kernels/cuda.py`` for the table)."""
+    """The host side of a `Plan` of one row per leaf: ``(table, groups, row_of, nrows, width,
+    scratch size)`` (see ``kernels/cuda.py`` for the table)."""
+    walks = [_walk(leaf, None if orders is None else orders[i]) for i, leaf in enumerate(leaves)]
+    return _rows_layout([leaf.size for leaf in leaves], [leaf.dtype for leaf in leaves], walks, positions, device)
+
+
+def _rows_layout(sizes, dtypes, walks, positions, device):
+    """`_layout` for rows given by their ``sizes``, ``dtypes`` and walks (`_walk`'s), in
+    any number: rows of one dtype keep their order in its group."""
     kernels = _kernels()
     groups = {}
-    for i, leaf in enumerate(leaves):
-        if leaf.size:
-            groups.setdefault(leaf.dtype, []).append(i)
-    order = [i for ids in groups.values() for i in ids] + [i for i, leaf in enumerate(leaves) if not leaf.size]
-    row_of = np.empty(len(leaves), np.int64)
-    row_of[order] = np.arange(len(leaves))
-    walks = [_walk(leaves[i], None if orders is None else orders[i]) for i in order]
+    for i, (size, dtype) in enumerate(zip(sizes, dtypes)):
+        if size:
+            groups.setdefault(dtype, []).append(i)
+    order = [i for ids in groups.values() for i in ids] + [i for i, size in enumerate(sizes) if not size]
+    row_of = np.empty(len(sizes), np.int64)
+    row_of[order] = np.arange(len(sizes))
+    walks = [walks[i] for i in order]
     nrows = len(order)
-    width = kernels.AXES + 2 * max(len(w[2]) for w in walks)
+    flat = [[x for axis in w[2] for x in axis] for w in walks]  # (length, step) pairs, innermost first
+    width = kernels.AXES + max(map(len, flat))
     rows = np.zeros((nrows, width), np.int64)
-    sizes = np.array([leaves[i].size for i in order], np.int64)
+    sizes = np.array([sizes[i] for i in order], np.int64)
     rows[:, kernels.SIZE] = sizes
     rows[:, kernels.NDIM] = [len(w[2]) for w in walks]
-    rows[:, kernels.WIDE] = [leaves[i].dtype in (np.float64, np.complex128) for i in order]
-    for r, (_, _, axes) in enumerate(walks):
-        rows[r, kernels.AXES : kernels.AXES + 2 * len(axes)] = np.ravel(axes)
+    rows[:, kernels.WIDE] = [dtypes[i] in (np.float64, np.complex128) for i in order]
+    rows[:, kernels.AXES :] = [f + [0] * (width - kernels.AXES - len(f)) for f in flat]
     nchunks = -(-sizes // kernels.CHUNK)
     rows[:, kernels.NCHUNKS] = nchunks
     spans = np.where(nchunks > 1, -(-nchunks // kernels.PARTIAL_ALIGN) * kernels.PARTIAL_ALIGN, 0)
@@ -510,9 +517,12 @@ class Plan:
         The stream's handle.
     orders : list, optional
         Per leaf, the `_table.traversal` to walk it in (``GradAccumulator``'s buffers).
+    rows : tuple, optional
+        ``(sizes, dtypes, walks)`` of rows that are not the leaves (the cells of private
+        training, parts of ``leaves``): ``positions`` then index them.
     """
 
-    def __init__(self, leaves, positions, stream, orders=None):
+    def __init__(self, leaves, positions, stream, orders=None, rows=None):
         cuda = _cuda()
         leaves = [leaf.described() for leaf in leaves]
         self.leaves, self.stream = leaves, stream
@@ -528,9 +538,13 @@ class Plan:
         self.disjoint = False  # whether its leaves were found not to share memory
         self.launcher = _Launcher(stream)
         self.lock = threading.Lock()
-        self._place(_layout(leaves, self.positions, orders, self.device))
-        self.table = cuda.to_device(self.host_table)
-        self.scratch = cuda.to_device(np.zeros(self.scratch_size))
+        if rows is None:
+            self._place(_layout(leaves, self.positions, orders, self.device))
+        else:
+            self._place(_rows_layout(*rows, self.positions, self.device))
+        # on the plan's stream: a copy from pageable memory is staged at once and waits for no kernel
+        self.table = cuda.to_device(self.host_table, stream=self._numba_stream())
+        self.scratch = cuda.to_device(np.zeros(self.scratch_size), stream=self._numba_stream())
         self._table, self._scratch = _buffer_of(self.table), _buffer_of(self.scratch)
         self._dense = None  # the table of dense copies, made when first asked for
         self.ids = self.pointers = None  # the cache key, set by `_PlanCache`
@@ -576,6 +590,12 @@ class Plan:
                 [g.data if data is None else data[g.index], target, table or self._table, self._scratch],
                 [(g.index, "i8"), (a, "f8"), (b, "f8"), (c, "f8")],
             )
+
+    def launch(self, kernel, grid, threads, arrays, scalars):
+        """``kernel(table, scratch, *arrays, *scalars)`` on this plan's stream: a kernel of
+        another shape than the passes' (``kernels/private_cuda.py``'s). ``arrays``:
+        `_Buffer`s; ``scalars``: ``(value, "i8" | "f8")`` pairs."""
+        self.launcher.launch(kernel, grid, threads, [self._table, self._scratch, *arrays], scalars)
 
     def finish(self, mode, p, flags, out):
         kernels = _kernels()
@@ -651,6 +671,22 @@ class Plan:
                 return _Buffer(array.data.ptr, n, _kernel_dtype(dtype), array), array
         array = _cuda().device_array(n, _kernel_dtype(dtype), stream=self._numba_stream())
         return _buffer_of(array), array
+
+    def upload(self, values):
+        """A `_Buffer` of device memory holding the host array ``values`` (1-d; for the
+        kernels alone), copied on the plan's stream as its table is."""
+        return _buffer_of(_cuda().to_device(values, stream=self._numba_stream()))
+
+    def filled(self, n, value):
+        """`new` of ``n`` float64 set to ``value``."""
+        buffer, array = self.new(n)
+        if self.kind == "torch" and not simulated():
+            array.fill_(value)
+        elif self.kind == "cupy" and not simulated():
+            array.fill(value)
+        else:
+            array.copy_to_device(np.full(n, value), stream=self._numba_stream())
+        return buffer, array
 
     def scalar(self, array):
         """Element 0 of a float64 result ``array`` (from `new`) as a 0-d array of its kind."""
@@ -755,13 +791,20 @@ def _multiprocessors(device):
 def _dense_shaped(kind, flat, shape, order, dtype, start=0):
     """``shape`` and ``dtype`` over ``flat`` (a dense 1-d array of the call's kind) from
     byte ``start``, laid out in ``order`` (a `_table.traversal`)."""
-    strides, offset, dense = [dtype.itemsize] * len(shape), start, dtype.itemsize
+    strides, offset = dense_strides(shape, order, dtype.itemsize)
+    return _shaped(kind, flat, tuple(shape), strides, dtype, start + offset)
+
+
+def dense_strides(shape, order, itemsize):
+    """``(strides, offset)`` in bytes of ``shape`` laid out densely in ``order`` (a
+    `_table.traversal`): its element at index 0 lies ``offset`` bytes from the first."""
+    strides, offset, dense = [itemsize] * len(shape), 0, itemsize
     for axis, flipped in order:
         strides[axis] = -dense if flipped else dense
         if flipped:
             offset += (shape[axis] - 1) * dense
         dense *= shape[axis]
-    return _shaped(kind, flat, tuple(shape), tuple(strides), dtype, offset)
+    return tuple(strides), offset
 
 
 def _shaped(kind, array, shape, strides, dtype, start):
@@ -965,7 +1008,7 @@ def host_norms(batch, p, into):
     with gpu as plan:
         buffer, out = plan.new(1 + plan.npositions)
         plan.norms(p, buffer)
-    values = _to_host(out)
+    values = host_copy(out)
     into[gpu.unique] = values[1 + _position_of_unique(plan)]
 
 
@@ -1074,22 +1117,17 @@ def copy(batch):
 def on_device(batch, value):
     """A host float as a 0-d float64 array on the first GPU leaf's device, of its kind."""
     plan = batch.cuda.plan
-    buffer, out = plan.new(1)
-    if plan.kind == "torch" and not simulated():
-        out.fill_(value)
-    elif plan.kind == "cupy" and not simulated():
-        out.fill(value)
-    else:
-        out.copy_to_device(np.array([value]), stream=plan._numba_stream())
+    _, out = plan.filled(1, value)
     return plan.scalar(out)
 
 
 def to_host(value):
     """A float from a 0-d device array (synchronises)."""
-    return float(_to_host(value).reshape(-1)[0])
+    return float(host_copy(value).reshape(-1)[0])
 
 
-def _to_host(array):
+def host_copy(array):
+    """A NumPy copy of a Numba, torch or CuPy device array (synchronises)."""
     if hasattr(array, "copy_to_host"):
         return array.copy_to_host()
     if type(array).__module__.startswith("torch"):
@@ -1239,7 +1277,7 @@ class Accumulation:
 
     def snapshot(self):
         """The buffers as host NumPy arrays of the accumulator dtypes, per position (synchronises)."""
-        return [_to_host(flat).reshape(-1) for flat in self.flats]
+        return [host_copy(flat).reshape(-1) for flat in self.flats]
 
 
 def _write(flat, values, plan):

@@ -126,6 +126,21 @@ def traversal(array):
     return tuple((axis, flipped) for axis, _, _, flipped in _axes(array))
 
 
+def shared_traversal(arrays):
+    """The `traversal` of ``arrays`` (of one shape) if they all have the same strides and
+    none repeats elements (a zero stride), else None: whether one walk, with dense runs
+    of its output, visits every element of each once and in the same order."""
+    first = arrays[0]
+    if all(a.strides == first.strides for a in arrays) and all(s or n == 1 for n, s in zip(first.shape, first.strides)):
+        return traversal(first)
+    return None
+
+
+def c_traversal(shape):
+    """The `traversal` of a C-ordered array of ``shape``."""
+    return tuple((axis, False) for axis in reversed(range(len(shape))) if shape[axis] != 1)
+
+
 def as_traversal(order, shape):
     """``order`` as the `traversal` of some array of ``shape`` (a saved one, checked), or None:
     ``(axis, flipped)`` pairs naming each axis whose length is not 1 once."""

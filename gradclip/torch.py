@@ -51,11 +51,12 @@ import math
 import types
 import warnings
 
+import numpy as np
 import torch
 
-from . import _checks, clip, norms
+from . import _checks, clip, ghost, norms
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = ["GhostClipping", "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
@@ -221,3 +222,225 @@ def _norm_tensor(total, grads):
     if not isinstance(total, float):  # a 0-d device array (CUDA gradients): it stays there
         return torch.as_tensor(total, device=grads[0].device).to(dtype)
     return torch.tensor(total, dtype=dtype, device=grads[0].device)
+
+
+# --------------------------------------------------------------------------- ghost clipping
+
+
+class GhostClipping:
+    """Per-example gradient norms of a model by ghost clipping, and the loss weights that
+    clip each example's gradient to ``max_norm`` (DP-SGD, SPEC §9).
+
+    Forward hooks record, for every module with trainable parameters of its own, its
+    inputs and output. `factors` takes the per-example losses, reads the gradient of
+    their sum with respect to those outputs (one pass of ``torch.autograd.grad``: no
+    parameter gradient is formed), and adds up each example's squared norm layer by
+    layer: `gradclip.dense_sq_norms` for ``nn.Linear``, `gradclip.embedding_sq_norms` for
+    ``nn.Embedding``, and for any other layer its per-example gradients
+    (``torch.func.vmap`` over ``torch.func.vjp``) through
+    `gradclip.sq_norms_from_per_example`. A second backward pass of
+    ``(factors * losses).sum()`` then leaves ``Σ_i f_i ∇loss_i``, the clipped sum, in
+    each parameter's ``.grad`` (as Opacus' ``GradSampleModuleFastGradientClipping``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Examples on axis 0 of every layer's inputs (batch first).
+    max_norm : float
+        The per-example norm bound, ``>= 0``.
+    eps : float, default 1e-6
+        As in `gradclip.clip_factors`.
+
+    Attributes
+    ----------
+    norms : torch.Tensor or None
+        float64, each example's gradient norm from the last `factors` call.
+
+    Raises
+    ------
+    ValueError
+        A trainable parameter shared by two modules (tied weights).
+    NotImplementedError
+        A layer whose per-example gradients are not defined by its own inputs:
+        batch norm (it mixes examples), ``nn.Embedding(scale_grad_by_freq=True)``.
+
+    Notes
+    -----
+    A module called several times in one forward pass (a layer shared across time
+    steps) counts once, with the gradients of all its calls: its calls' sequences are
+    joined for the ghost norms, its per-example gradients summed otherwise. Every
+    forward call made with gradients enabled is recorded until `factors` reads it, so
+    run other passes (evaluation) under ``torch.no_grad()``, or call `remove`. CPU
+    tensors only for now (the array functions' GPU kernels are not there yet).
+
+    Examples
+    --------
+    >>> import torch, gradclip.torch
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1))
+    >>> ghost = gradclip.torch.GhostClipping(model, max_norm=1.0)
+    >>> tokens, targets = torch.tensor([[1, 2, 2], [3, 4, 5]]), torch.zeros(2, 3, 1)
+    >>> losses = ((model(tokens) - targets) ** 2).mean(dim=(1, 2))
+    >>> factors = ghost.factors(losses)
+    >>> (factors * losses).sum().backward()  # each example's gradient clipped to norm 1, summed
+    >>> ghost.norms.shape, bool((factors <= 1).all())
+    (torch.Size([2]), True)
+    """
+
+    def __init__(self, model, max_norm, *, eps=1e-6):
+        _checks.ghost_model(model)
+        self.max_norm = _checks.nonnegative("max_norm", max_norm)
+        self.eps = _checks.nonnegative("eps", eps)
+        self.norms = None
+        self._layers = _layers(model)
+        self._recording = True
+        self._handles = [
+            layer.module.register_forward_hook(functools.partial(self._record, layer), with_kwargs=True)
+            for layer in self._layers
+        ]
+
+    def _record(self, layer, module, args, kwargs, output):
+        if not self._recording or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor):
+            raise _checks.ghost_output(layer.name, output)
+        inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        layer.calls.append((inputs, kwargs, output, output._version))
+
+    def factors(self, losses):
+        """Each example's clip factor ``min(1, max_norm / (n_i + eps))`` from the forward
+        pass recorded since the last call; sets `norms`.
+
+        Parameters
+        ----------
+        losses : torch.Tensor
+            ``(B,)``: each example's loss (e.g. a criterion with ``reduction='none'``,
+            averaged over a sequence per example), still attached to the graph.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)``, of ``losses``' dtype and device; 0 for an example whose norm is not
+            finite. The graph is kept for the second backward pass.
+        """
+        _checks.ghost_losses(losses)
+        batch = losses.shape[0]
+        recorded = [layer for layer in self._layers if layer.calls]
+        if not recorded:
+            raise _checks.ghost_no_forward()
+        for layer in self._layers:
+            if not layer.calls:
+                raise _checks.ghost_not_run(layer.name, layer.module)
+            for inputs, _, output, version in layer.calls:
+                for x in inputs:
+                    if isinstance(x, torch.Tensor) and (x.ndim == 0 or x.shape[0] != batch):
+                        raise _checks.ghost_batch(layer.name, tuple(x.shape), batch)
+                if output._version != version:
+                    raise _checks.ghost_modified(layer.name)
+        outputs = [output for layer in self._layers for _, _, output, _ in layer.calls]
+        grads = iter(torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True))
+        sq_norms = np.zeros(batch)
+        for layer in self._layers:
+            calls = [(inputs, kwargs, next(grads)) for inputs, kwargs, _, _ in layer.calls]
+            calls = [(inputs, kwargs, g) for inputs, kwargs, g in calls if g is not None]
+            if calls:
+                sq_norms += self._sq_norms(layer, calls, batch)
+        for layer in self._layers:
+            layer.calls.clear()
+        self.norms = torch.from_numpy(np.sqrt(sq_norms))
+        return torch.from_numpy(ghost.clip_factors(sq_norms, self.max_norm, self.eps)).to(losses.device, losses.dtype)
+
+    def _sq_norms(self, layer, calls, batch):
+        """``(B,)`` float64: the squared per-example norms of ``layer``'s trainable parameters."""
+        module, params = layer.module, layer.params
+        kind = _ghost_kind(module)
+        firsts, grads = [inputs[0] for inputs, _, _ in calls], [g for _, _, g in calls]
+        if kind is torch.nn.Linear and "weight" in params:
+            a, g = _joined(firsts, grads, batch)
+            return ghost.dense_sq_norms(a, g, bias="bias" in params)
+        if kind is torch.nn.Linear:  # a frozen weight: the bias gradient Σ_t g_t alone
+            g = _joined(firsts, grads, batch)[1]
+            return ghost.sq_norms_from_per_example(g.reshape(batch, -1, g.shape[-1]).sum(dim=1))
+        if kind is torch.nn.Embedding:
+            idx, g = _joined(firsts, grads, batch, indices=True)
+            if module.padding_idx is not None:  # that row is never trained
+                g = g.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0.0)
+            return ghost.embedding_sq_norms(idx, g)
+        self._recording = False  # the layer's own forward runs again below
+        try:
+            per_example = [_per_example_grads(module, params, inputs, kwargs, g) for inputs, kwargs, g in calls]
+        finally:
+            self._recording = True
+        return ghost.sq_norms_from_per_example([sum(grads) for grads in zip(*per_example)])
+
+    def remove(self):
+        """Remove the hooks (the model runs as before) and drop anything recorded."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self._layers:
+            layer.calls.clear()
+
+
+class _Layer:
+    """A module with trainable parameters of its own, and its calls recorded this step."""
+
+    def __init__(self, name, module, params):
+        self.name, self.module, self.params = name, module, params
+        self.calls = []  # (inputs, kwargs, output, output's version) per forward call
+
+
+def _layers(model):
+    layers, owner = [], {}
+    for name, module in model.named_modules():
+        name = f"model.{name}" if name else "model"
+        params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not params:
+            continue
+        for n, p in params.items():
+            if id(p) in owner:
+                raise _checks.ghost_tied(f"{name}.{n}", owner[id(p)], name)
+            owner[id(p)] = name
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            raise _checks.ghost_unsupported(name, module, "normalises over the batch, so it mixes examples")
+        if _ghost_kind(module) is torch.nn.Embedding and module.scale_grad_by_freq:
+            raise _checks.ghost_unsupported(name, module, "scales its gradient by the batch's index counts")
+        layers.append(_Layer(name, module, params))
+    return layers
+
+
+def _ghost_kind(module):
+    """``nn.Linear`` or ``nn.Embedding`` for a module that runs their forward, else None."""
+    for kind in (torch.nn.Linear, torch.nn.Embedding):
+        if isinstance(module, kind) and type(module).forward is kind.forward:
+            return kind
+    return None
+
+
+def _joined(inputs, grads, batch, indices=False):
+    """One layer's calls as one: ``(inputs, grads)`` with the examples on axis 0 and every
+    call's positions, in order, on axis 1 (as they are for one call without a sequence
+    axis). ``indices``: the inputs are an embedding's, without a feature axis."""
+    if len(grads) == 1 and grads[0].ndim == 2:
+        return inputs[0], grads[0]
+
+    def join(arrays, features):
+        shaped = [x.reshape(batch, -1, *x.shape[-1:][:features]) for x in arrays]
+        return shaped[0] if len(shaped) == 1 else torch.cat(shaped, dim=1)
+
+    return join(inputs, 0 if indices else 1), join(grads, 1)
+
+
+def _per_example_grads(module, params, inputs, kwargs, grad):
+    """The gradients of ``module``'s ``params`` for each example alone (``torch.func``)."""
+    names = list(params)
+    values = tuple(params[n].detach() for n in names)
+
+    def one(example_inputs, example_grad):
+        def forward(*values):
+            batched = tuple(x.unsqueeze(0) for x in example_inputs)
+            return torch.func.functional_call(module, dict(zip(names, values)), batched, kwargs)
+
+        _, vjp = torch.func.vjp(forward, *values)
+        return vjp(example_grad.unsqueeze(0))
+
+    return torch.func.vmap(one)(inputs, grad)

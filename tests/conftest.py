@@ -47,3 +47,25 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "BLOCKS_PER_SM", 3)
     monkeypatch.setattr(kernels, "FINISH_THREADS", 8)
     return kernels
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that wait for background work last, so the rest of the suite runs meanwhile."""
+    waits = [hasattr(getattr(item, "module", None), "start_in_background") for item in items]
+    items[:] = [item for item, w in zip(items, waits) if not w] + [item for item, w in zip(items, waits) if w]
+
+
+def pytest_collection_finish(session):
+    """Start the selected modules' background work (see helpers.in_background)."""
+    if session.config.option.collectonly:
+        return
+    for module in dict.fromkeys(item.module for item in session.items if getattr(item, "module", None)):
+        start = getattr(module, "start_in_background", None)
+        if start is not None:
+            start()
+
+
+def pytest_sessionfinish(session):
+    from helpers import stop_background
+
+    stop_background()

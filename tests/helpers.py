@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import concurrent.futures
 import re
 
 import numpy as np
@@ -342,6 +343,30 @@ def raises_with(exc, *fragments, regex=()):
         assert re.search(r, msg), f"/{r}/ does not match error message {msg!r}"
 
 
+# --------------------------------------------------------------------------- background work
+# The slowest checks run fresh interpreters that compile for minutes on one core each (the
+# PTX of every CUDA kernel, Numba's cache histories). They start as soon as they are
+# collected (`pytest_collection_finish` in conftest.py calls each test module's
+# ``start_in_background``) and run one at a time beside the rest of the suite, which
+# leaves a core idle most of the time.
+
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradclip-background")
+_JOBS = {}
+
+
+def in_background(key, function, *args):
+    """The future of ``function(*args)`` on the background thread, submitted by the first
+    caller for ``key`` (at collection, or by the test itself when run alone)."""
+    if key not in _JOBS:
+        _JOBS[key] = _BACKGROUND.submit(function, *args)
+    return _JOBS[key]
+
+
+def stop_background():
+    """Drop background jobs not started yet (an interrupted or failing session)."""
+    _BACKGROUND.shutdown(wait=False, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- device arrays
 # The GPU tests run on numba-cuda's simulator in CI and on a real GPU in ``make gpu-check``
 # (NUMBA_ENABLE_CUDASIM=0): these helpers make and read device arrays on either.
@@ -432,6 +457,29 @@ def to_host(x):
     return np.ndarray(x.shape, x.dtype, buffer=raw, offset=-low, strides=x.strides)
 
 
+class OnDevice:
+    """A `Strided` leaf whose base lives on the (simulated) device; ``view`` is the device view."""
+
+    def __init__(self, layout, shape, dtype, rng, scale=1.0):
+        self.host = Strided(layout, shape, dtype, rng, scale)
+        self.base = to_device(self.host.base)
+        self.view = device_view(self.base, self.host.base, self.host.view)
+        assert isinstance(self.view, device_array_type())
+
+    def poke(self, value, index=None):
+        """Set one element of the view (the last by default), here and on the device."""
+        index = self.host.last_index() if index is None else index
+        self.host.poke(index, value)
+        refresh(self.base, self.host.base)
+
+    def values(self):
+        return self.host.view_fn(to_host(self.base))
+
+    def assert_base(self, expected_view, what="leaf"):
+        """The view holds ``expected_view``, and the memory around it is untouched."""
+        assert_same_bits(to_host(self.base), self.host.expected_base(expected_view), what=what)
+
+
 class ForeignArray:
     """Only ``__cuda_array_interface__``, pointing at a device array's memory."""
 
@@ -446,3 +494,31 @@ class ForeignArray:
             "data": (_cuda._interface(device_array)["data"][0], readonly),
             "version": 3,
         }
+
+
+# --------------------------------------------------------------------------- rounding once
+
+
+def assert_rounded_once(actual, exact, scale, terms, what="sum"):
+    """``actual`` (of a leaf dtype) is ``exact`` (float64 / complex128) rounded once to its
+    dtype, up to float64 accumulation error: it lies between the roundings of ``exact -
+    tol`` and ``exact + tol``, ``tol = terms * 2**-52 * scale`` (``scale``: the sum of the
+    terms' magnitudes, per element). A float32 sum, or a second rounding, lands outside."""
+    from reference import round_to
+
+    actual = np.asarray(actual)
+    tol = terms * 2.0**-52 * np.asarray(scale, dtype=np.float64)
+    parts = [(np.real, "real"), (np.imag, "imag")] if is_complex(actual.dtype) else [(lambda a: a, "")]
+    for part, name in parts:
+        got = np.asarray(part(actual)).astype(np.float64)
+        x = np.asarray(part(exact), dtype=np.float64)
+        real = np.dtype(part(np.zeros(1, actual.dtype)).dtype)
+        low = round_to(x - tol, real).astype(np.float64)
+        high = round_to(x + tol, real).astype(np.float64)
+        bad = ~((low <= got) & (got <= high))
+        if bad.any():
+            j = np.flatnonzero(bad.ravel())[:5]
+            raise AssertionError(
+                f"{what}{' ' + name if name else ''}: {int(bad.sum())} of {bad.size} elements not rounded once "
+                f"from the float64 sum; got {got.ravel()[j]}, exact {x.ravel()[j]}"
+            )

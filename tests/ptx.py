@@ -28,6 +28,7 @@ def jobs():
     from numba.cuda.np.numpy_support import from_dtype
 
     from gradclip._kernels import cuda as kernels
+    from gradclip._kernels import private_cuda
 
     def array(dtype):
         return types.Array(from_dtype(np.dtype(dtype)), 1, "C")
@@ -39,17 +40,30 @@ def jobs():
     def pass_signature(data, out=np.float64):
         return (array(data), array(out), array(np.int64), array(np.float64), types.int64, types.float64, types.float64, types.float64)
 
+    i64, f64 = types.int64, types.float64
+    keys = (i64,) * 5  # the noise key, packed
+    plan = (array(np.int64), array(np.float64))  # the table and scratch the private kernels take first
     for dtype in (np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name) for name in DTYPES):
         kernel_set = kernels.kernels_for(dtype)
         for name, kernel in vars(kernel_set).items():
             if hasattr(kernel, "py_func"):
                 out = element(dtype) if name == "copy_cuda" else np.float64
                 yield f"{name}[{dtype.name}]", kernel, pass_signature(element(dtype), out)
+        private = private_cuda.private_kernels_for(dtype)
+        data = array(element(dtype))
+        yield f"clip_cells_cuda_[{dtype.name}]", private.clip_cells_cuda_, pass_signature(element(dtype))
+        yield f"clip_copy_cuda[{dtype.name}]", private.clip_copy_cuda, pass_signature(element(dtype), element(dtype))
+        sum_signature = (*plan, data, data, array(np.int64), i64, i64, i64, i64, f64, f64, i64, *keys)
+        yield f"weighted_sum_cuda[{dtype.name}]", private.weighted_sum_cuda, sum_signature
+        noise_signature = (*plan, data, array(np.int64), i64, f64, f64, i64, *keys)
+        yield f"add_noise_cuda_[{dtype.name}]", private.add_noise_cuda_, noise_signature
         for accumulator in map(np.dtype, ACCUMULATORS.get(dtype.name, [dtype.name, "float64" if dtype.kind == "f" else "complex128"])):
             kernel = kernels.accumulate_for(dtype, accumulator)
             yield f"accumulate_cuda_[{dtype.name}->{accumulator.name}]", kernel, pass_signature(element(dtype), element(accumulator))
     signature = (array(np.int64), array(np.float64), array(np.float64), types.int64, types.float64, types.int64)
     yield "finish_cuda", kernels.finish_cuda, signature
+    signature = (*plan, array(np.float64), array(np.float64), i64, i64, i64, f64, f64, f64, i64)
+    yield "fold_examples_cuda", private_cuda.fold_examples_cuda, signature
 
 
 def ptxas():

@@ -258,6 +258,17 @@ def ref_zero_nonfinite(x) -> np.ndarray:
     return out
 
 
+def ref_zeroed(x) -> np.ndarray:
+    """What clipping by a factor 0 leaves: ``x * 0`` part by part (a signed zero), 0 for a
+    non-finite part."""
+    a = np.asarray(x)
+    w = widen(a)
+    with np.errstate(all="ignore"):
+        for part in (w.real, w.imag) if is_complex(a.dtype) else (w,):
+            part[...] = np.where(np.isfinite(part), part * 0.0, 0.0)  # views of w: written in place
+    return round_to(w, a.dtype)
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -279,3 +290,164 @@ def ref_share_memory(a, b) -> bool:
     """Whether two arrays (or layouts) have a byte in common, by enumerating both."""
     layouts = [x if isinstance(x, tuple) else ref_layout(x) for x in (a, b)]
     return not ref_bytes(*layouts[0]).isdisjoint(ref_bytes(*layouts[1]))
+
+
+# --------------------------------------------------------------------------- private training
+
+
+def ref_example_norms(examples, p=2.0) -> np.ndarray:
+    """Each example's global p-norm; ``examples`` is a list of lists of leaves."""
+    return np.array([ref_norm(list(leaves), p) for leaves in examples], dtype=np.float64)
+
+
+def ref_clip_factor(norm, bound, eps) -> float:
+    """``min(1, bound / (norm + eps))``; 0 for a non-finite norm; 1 for a zero norm with bound
+    0 and eps 0 (nothing to scale)."""
+    if not math.isfinite(norm):
+        return 0.0
+    if norm + eps == 0.0:
+        return 1.0
+    return min(1.0, float(np.float64(bound) / (np.float64(norm) + np.float64(eps))))
+
+
+def ref_weighted_sum(cells, factors, extra=None):
+    """``Σ_i factors[i] * x_i (+ extra)`` per element, in float64 (complex: per part), each
+    product rounded to float64 and the terms summed exactly with ``math.fsum``; examples
+    with factor 0 are left out. Also returns ``Σ_i |factors[i] * x_i| (+ |extra|)`` per
+    element, the scale of the error of any float64 summation order.
+
+    ``cells``: one array per example (same shape); ``extra``: float64 (or complex128)
+    values added to the sum, e.g. the noise.
+    """
+    wide = [widen(c) for c, f in zip(cells, factors) if f != 0.0]
+    kept = [np.float64(f) for f in factors if f != 0.0]
+    shape = np.shape(cells[0])
+    complex_ = is_complex(np.asarray(cells[0]).dtype)
+
+    def exact(part):
+        terms = [part(w) * f for w, f in zip(wide, kept)]
+        extras = [part(np.asarray(extra))] if extra is not None else []
+        stacked = np.stack([t.ravel() for t in terms + extras]) if terms + extras else np.zeros((0, int(np.prod(shape))))
+        sums = np.array([math.fsum(column) for column in stacked.T.tolist()]) if stacked.size else np.zeros(int(np.prod(shape)))
+        return sums.reshape(shape), np.abs(stacked).sum(axis=0).reshape(shape)
+
+    if complex_:
+        (re, re_scale), (im, im_scale) = exact(np.real), exact(np.imag)
+        return re + 1j * im, np.maximum(re_scale, im_scale)
+    return exact(lambda a: np.asarray(a, dtype=np.float64))
+
+
+# Philox4x32-10 (Salmon et al. 2011), written from the paper: ten rounds of two 32x32-bit
+# multiplies, the key bumped by the Weyl constants between rounds.
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_M32 = 0xFFFFFFFF
+
+
+def ref_philox4x32_10(counter, key):
+    c0, c1, c2, c3 = (int(x) for x in counter)
+    k0, k1 = (int(x) for x in key)
+    for _ in range(10):
+        p0, p1 = _PHILOX_M[0] * c0, _PHILOX_M[1] * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0), p1 & _M32, ((p0 >> 32) ^ c3 ^ k1), p0 & _M32
+        k0, k1 = (k0 + _PHILOX_W[0]) & _M32, (k1 + _PHILOX_W[1]) & _M32
+    return [c0, c1, c2, c3]
+
+
+# ChaCha20 (RFC 8439 §2.1-2.3).
+
+
+def _rotl32(x, n):
+    return ((x << n) | (x >> (32 - n))) & _M32
+
+
+def _quarter_round(s, a, b, c, d):
+    s[a] = (s[a] + s[b]) & _M32
+    s[d] = _rotl32(s[d] ^ s[a], 16)
+    s[c] = (s[c] + s[d]) & _M32
+    s[b] = _rotl32(s[b] ^ s[c], 12)
+    s[a] = (s[a] + s[b]) & _M32
+    s[d] = _rotl32(s[d] ^ s[a], 8)
+    s[c] = (s[c] + s[d]) & _M32
+    s[b] = _rotl32(s[b] ^ s[c], 7)
+
+
+def ref_chacha20_block(state):
+    """The block function on a 16-word input state (constants, key, counter, nonce)."""
+    initial = [int(x) for x in state]
+    s = list(initial)
+    for _ in range(10):
+        for a, b, c, d in ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15)):
+            _quarter_round(s, a, b, c, d)
+        for a, b, c, d in ((0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14)):
+            _quarter_round(s, a, b, c, d)
+    return [(x + y) & _M32 for x, y in zip(s, initial)]
+
+
+CHACHA_CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
+
+
+def ref_box_muller(words) -> np.ndarray:
+    """Draws from 64-bit words, two per pair of words, with NumPy's own log / cos / sin:
+    ``u = 1 - (w0 >> 12) 2**-52``, ``t = (w1 >> 12) 2**-52``, ``r = sqrt(-2 ln u)``,
+    draws ``r cos 2πt``, ``r sin 2πt``."""
+    w = np.asarray(words, dtype=np.uint64).reshape(-1, 2)
+    u = 1.0 - (w[:, 0] >> np.uint64(12)).astype(np.float64) * 2.0**-52
+    t = (w[:, 1] >> np.uint64(12)).astype(np.float64) * 2.0**-52
+    r = np.sqrt(-2.0 * np.log(u))
+    return np.stack([r * np.cos(2 * np.pi * t), r * np.sin(2 * np.pi * t)], axis=1).ravel()
+
+
+def ref_words(words32) -> list:
+    """32-bit words ``x`` as 64-bit words ``x[2m] + 2**32 x[2m + 1]``."""
+    return [int(words32[2 * m]) | (int(words32[2 * m + 1]) << 32) for m in range(len(words32) // 2)]
+
+
+def ref_philox_draws(key, first_block, blocks) -> np.ndarray:
+    """Draws ``2 first_block ..`` of a seeded stream: block b is Philox of counter (b, 0)."""
+    words = []
+    for b in range(first_block, first_block + blocks):
+        words += ref_words(ref_philox4x32_10([b & _M32, b >> 32, 0, 0], key))
+    return ref_box_muller(words)
+
+
+def ref_chacha_draws(key, first_block, blocks) -> np.ndarray:
+    """Draws ``8 first_block ..`` of a secure stream: key words key[0:8], 64-bit block
+    counter in state words 12-13, nonce key[8:10] in words 14-15."""
+    words = []
+    for b in range(first_block, first_block + blocks):
+        state = [*CHACHA_CONSTANTS, *(int(k) for k in key[:8]), b & _M32, b >> 32, int(key[8]), int(key[9])]
+        words += ref_words(ref_chacha20_block(state))
+    return ref_box_muller(words)
+
+
+# --------------------------------------------------------------------------- ghost norms
+
+
+def ref_dense_sq_norms(a, g, bias=False) -> np.ndarray:
+    """Squared per-example norms of a dense layer's weight (and bias) gradient, from the
+    materialised per-example gradients ``einsum('bto,bti->boi')`` in float64."""
+    a, g = widen(a), widen(g)
+    if a.ndim == 2:
+        a, g = a[:, None], g[:, None]
+    weight = np.einsum("bto,bti->boi", g, a)
+    norms = np.array([math.fsum(w.ravel() ** 2) for w in weight])
+    if bias:
+        norms += np.array([math.fsum(b**2) for b in g.sum(axis=1)])
+    return norms
+
+
+def ref_embedding_sq_norms(indices, g) -> np.ndarray:
+    """Squared per-example norms of an embedding's gradient, from the materialised
+    ``(vocab, d)`` gradient of each example (``np.add.at`` in float64)."""
+    indices, g = np.asarray(indices), widen(g)
+    if indices.ndim == 1:
+        indices, g = indices[:, None], g[:, None]
+    vocab = int(indices.max()) + 1 if indices.size else 0
+    norms = []
+    for idx, rows in zip(indices, g):
+        weight = np.zeros((vocab, g.shape[-1]))
+        np.add.at(weight, idx, rows)
+        norms.append(math.fsum(weight.ravel() ** 2))
+    return np.array(norms)

@@ -18,17 +18,15 @@ import gradclip as gc
 from helpers import (
     DTYPES,
     REAL_DTYPES,
-    Strided,
     assert_norm_close,
     assert_norms_close,
     assert_same_bits,
     assert_zeroed,
     ForeignArray,
+    OnDevice,
     device_array_type,
-    device_view,
     dtype_id,
     raises_with,
-    refresh,
     to_device,
     to_host,
 )
@@ -61,29 +59,6 @@ NORM_CASES = [(d, 2.0) for d in DTYPES] + [
     (np.dtype(np.complex64), math.inf),
     (BFLOAT16, 3.0),
 ]
-
-
-class OnDevice:
-    """A `Strided` leaf whose base lives on the (simulated) device; ``view`` is the device view."""
-
-    def __init__(self, layout, shape, dtype, rng, scale=1.0):
-        self.host = Strided(layout, shape, dtype, rng, scale)
-        self.base = to_device(self.host.base)
-        self.view = device_view(self.base, self.host.base, self.host.view)
-        assert isinstance(self.view, DeviceArray)
-
-    def poke(self, value, index=None):
-        """Set one element of the view (the last by default), here and on the device."""
-        index = self.host.last_index() if index is None else index
-        self.host.poke(index, value)
-        refresh(self.base, self.host.base)
-
-    def values(self):
-        return self.host.view_fn(to_host(self.base))
-
-    def assert_base(self, expected_view, what="leaf"):
-        """The view holds ``expected_view``, and the memory around it is untouched."""
-        assert_same_bits(to_host(self.base), self.host.expected_base(expected_view), what=what)
 
 
 def leaves(dtype, rng, layouts=LAYOUTS, shapes=SHAPES, scale=1.0):

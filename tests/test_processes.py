@@ -9,7 +9,6 @@ checks every result against the references (`check_group`); ``... forks`` runs t
 cases (`forks`). A failed check exits non-zero, a crash with the signal's status.
 """
 
-import concurrent.futures
 import json
 import math
 import multiprocessing
@@ -27,7 +26,7 @@ import pytest
 
 import gradclip as gc
 from gradclip._kernels import cpu as kernels
-from helpers import DTYPES, assert_norm_close, assert_norms_close, assert_same_bits, random_values
+from helpers import DTYPES, assert_norm_close, assert_norms_close, assert_same_bits, in_background, random_values
 from reference import (
     is_complex,
     ref_all_finite,
@@ -244,16 +243,14 @@ def _run_order(name):
     return None
 
 
-@pytest.fixture(scope="module")
-def order_runs():
-    """Every order, started at once (two at a time: each process compiles on one core)."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        yield {name: pool.submit(_run_order, name) for name in ORDERS}
+def start_in_background():
+    """Every order, one process at a time beside the rest of the suite (helpers.in_background)."""
+    return {name: in_background(("cache order", name), _run_order, name) for name in ORDERS}
 
 
 @pytest.mark.parametrize("order", list(ORDERS))
-def test_no_order_of_first_calls_across_processes_crashes_or_errs(order, order_runs):
-    failure = order_runs[order].result()
+def test_no_order_of_first_calls_across_processes_crashes_or_errs(order):
+    failure = start_in_background()[order].result()
     assert failure is None, failure
 
 

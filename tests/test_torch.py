@@ -233,7 +233,7 @@ def test_conjugate_view_is_refused_naming_the_leaf():
 # --------------------------------------------------------------------------- gradclip.torch
 
 
-@pytest.mark.parametrize("name", gct.__all__)
+@pytest.mark.parametrize("name", [name for name in gct.__all__ if name != "GhostClipping"])  # the rest: drop-ins
 def test_drop_in_signatures_are_pytorchs(name):
     ours = inspect.signature(getattr(gct, name)).parameters
     theirs = inspect.signature(getattr(torch.nn.utils, name)).parameters
