@@ -142,13 +142,14 @@ def scale_(batch, coef):
 
 def _scale_codes(table, coef):
     """Every element of a 16-bit table times ``coef``, by its code's exact result: in
-    float32 where a factor gives every code's, else by lookup (see kernels/cpu.py)."""
+    float32 where a factor gives the elements' codes theirs, else by lookup (see
+    kernels/cpu.py)."""
     codes = _all_codes(table.witness.dtype)
     results = kernels.scaled_codes(codes, coef)
-    factor = math.nan
+    factor, below = math.nan, kernels.ALL_CODES
     if kernels.scales_in_float32(table.witness):
-        factor = kernels.float32_factor(codes, results, coef, FACTOR_TRIES)
-    kernels.scale_codes_table(table, results, factor)
+        factor, below = kernels.float32_factor(codes, results, coef, FACTOR_TRIES)
+    kernels.scale_codes_table(table, results, factor, below)
 
 
 @functools.cache

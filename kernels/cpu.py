@@ -1277,10 +1277,14 @@ def accumulate_table(table, dst_addr, dst_witness, first):
 #   faster than the float64 product and 1.5x faster than a lookup), with a factor that
 #   gives every code's exact result: the nearest float32 to the coefficient or one of its
 #   neighbours, checked on all 65,536 codes (`float32_factor`). Each element being one of
-#   those codes, each gets its exact result. A factor is found for ~99% of coefficients;
-#   near a tie of the float64 product, or where bfloat16's result is subnormal and the
-#   float32 product rounds twice, none may be;
-# - otherwise by a lookup into the table of results, per element.
+#   those codes, each gets its exact result. Near a tie of the float64 product, or where
+#   bfloat16's result is subnormal and the float32 product rounds twice, a factor may miss
+#   some codes: the factor taken is the one whose missed codes are the smallest in
+#   magnitude (none, for ~99% of coefficients), and a block of `SCALE_BLOCK` elements that
+#   holds such a small nonzero code is looked up instead. The bench's coefficient, just
+#   under 0.5, misses bfloat16's subnormal results on every factor; gradients rarely hold
+#   such codes, so it stays in float32 (one thread, 16M codes: 6.4 -> 3.3 ms);
+# - otherwise (no float32 path) by a lookup into the table of results, per element.
 #
 # float16 is scaled in float32 only where F16C converts it (`_f16c`).
 
@@ -1327,13 +1331,23 @@ def scale32_cpu_(v, factor):
         v[i] = _scaled32(v[i], factor)
 
 
+SCALE_BLOCK = 1024
+"""Elements `_scale_codes_` checks for codes its float32 factor misses before it scales them."""
+
+ALL_CODES = 1 << 15
+"""A ``below`` of `float32_factor` that no code's magnitude reaches: every code missed."""
+
+
 @njit(cache=True)
 def float32_factor(codes, results, coef, tries):
-    """A float32 with which `scale32_cpu_` turns every code into its entry of ``results``
-    (the exact products by ``coef``, from `scaled_codes`): the nearest float32 to ``coef``,
-    else its neighbours, nearest first, ``tries`` in all; NaN if none does."""
+    """``(factor, below)``: a float32 with which `scale32_cpu_` turns every code whose
+    magnitude (its bits without the sign) is 0 or at least ``below`` into its entry of
+    ``results`` (the exact products by ``coef``, from `scaled_codes`). Of the nearest
+    float32 to ``coef`` and its neighbours, nearest first, ``tries`` in all, the first
+    with the lowest ``below`` (1: every code); ``(NaN, ALL_CODES)`` if each misses a zero."""
     work = np.empty_like(codes)
     up = down = factor = np.float32(coef)
+    best, best_below = np.float32(np.nan), ALL_CODES
     for k in range(tries):
         if k % 2:
             up = factor = np.nextafter(up, np.float32(np.inf))
@@ -1341,9 +1355,15 @@ def float32_factor(codes, results, coef, tries):
             down = factor = np.nextafter(down, np.float32(-np.inf))
         work[:] = codes
         scale32_cpu_(work, factor)
-        if (work == results).all():
-            return factor
-    return np.float32(np.nan)
+        below = 1
+        for i in range(codes.size):
+            if work[i] != results[i]:
+                below = max(below, (i & 0x7FFF) + 1 if i & 0x7FFF else ALL_CODES + 1)
+        if below < best_below:
+            best, best_below = factor, below
+        if below == 1:
+            break
+    return best, best_below
 
 
 @njit
@@ -1353,62 +1373,79 @@ def _look_up_(v, table):
 
 
 @njit(inline="always")
-def _scale_codes_at(k, row, lo, addr, count, step, results, factor, in_float32):
+def _scale_codes_at(k, row, lo, addr, count, step, results, factor, below, in_float32):
     r, offset, n = _chunk_row(k, row, lo, count)
     start = addr[r] + offset * step[r] * results.itemsize
     if step[r] == 1:  # a contiguous view, which vectorises ('A' views do not)
-        _scale_codes_(numba.carray(_voidptr(start), (n,), results.dtype), results, factor, in_float32)
+        _scale_codes_(numba.carray(_voidptr(start), (n,), results.dtype), results, factor, below, in_float32)
     else:
         w = numba.carray(_voidptr(start), ((n - 1) * step[r] + 1,), results.dtype)
-        _scale_codes_(w[:: step[r]], results, factor, in_float32)
+        _scale_codes_(w[:: step[r]], results, factor, below, in_float32)
 
 
-def _scale_codes_(v, results, factor, in_float32):
-    """`scale32_cpu_` or `_look_up_` on one chunk."""
+def _scale_codes_(v, results, factor, below, in_float32):
+    """`scale32_cpu_` or `_look_up_` on one chunk: by lookup alone unless ``in_float32``,
+    else by blocks (see `float32_factor`)."""
 
 
 @overload(_scale_codes_, inline="always")
-def _scale_codes_impl(v, results, factor, in_float32):
+def _scale_codes_impl(v, results, factor, below, in_float32):
     if v.dtype == types.uint16 and not _f16c():  # by lookup alone (see `scales_in_float32`)
-        return lambda v, results, factor, in_float32: _look_up_(v, results)
+        return lambda v, results, factor, below, in_float32: _look_up_(v, results)
 
-    def impl(v, results, factor, in_float32):
-        if in_float32:
+    def impl(v, results, factor, below, in_float32):
+        if not in_float32:
+            _look_up_(v, results)
+        elif below == 1:  # the factor gives every code's result
             scale32_cpu_(v, factor)
         else:
-            _look_up_(v, results)
+            for start in range(0, v.size, SCALE_BLOCK):
+                block = v[start : start + SCALE_BLOCK]
+                if _any_missed(block, below):
+                    _look_up_(block, results)
+                else:
+                    scale32_cpu_(block, factor)
 
     return impl
 
 
+@njit
+def _any_missed(v, below):
+    """Whether a code of ``v`` has a magnitude in ``[1, below)`` (``below >= 1``)."""
+    lowest = np.uint16(0xFFFF)
+    for i in range(v.size):  # magnitude - 1 wraps for 0; a min reduction vectorises best
+        lowest = min(lowest, np.uint16(_magnitude_bits(v[i]) - np.uint16(1)))
+    return lowest < np.uint16(below - 1)
+
+
 @njit(cache=True)
-def _scale_codes_serial(addr, count, step, results, factor):
+def _scale_codes_serial(addr, count, step, results, factor, below):
     row, lo = _chunks(count)
     if factor == factor:
         for k in range(row.size):
-            _scale_codes_at(k, row, lo, addr, count, step, results, factor, True)
+            _scale_codes_at(k, row, lo, addr, count, step, results, factor, below, True)
     else:
         for k in range(row.size):
-            _scale_codes_at(k, row, lo, addr, count, step, results, factor, False)
+            _scale_codes_at(k, row, lo, addr, count, step, results, factor, below, False)
 
 
 @njit(cache=True, parallel=True)
-def _scale_codes_parallel(addr, count, step, results, factor):
+def _scale_codes_parallel(addr, count, step, results, factor, below):
     row, lo = _chunks(count)
     if factor == factor:
         for k in prange(row.size):
-            _scale_codes_at(k, row, lo, addr, count, step, results, factor, True)
+            _scale_codes_at(k, row, lo, addr, count, step, results, factor, below, True)
     else:
         for k in prange(row.size):
-            _scale_codes_at(k, row, lo, addr, count, step, results, factor, False)
+            _scale_codes_at(k, row, lo, addr, count, step, results, factor, below, False)
 
 
-def scale_codes_table(table, results, factor):
+def scale_codes_table(table, results, factor, below):
     """Replace every element of ``table`` (a 16-bit type) by its entry in ``results`` (from
-    `scaled_codes`): in float32 by ``factor`` (from `float32_factor`), or by lookup if that
-    is NaN."""
+    `scaled_codes`): in float32 by ``factor`` where ``below`` allows (both from
+    `float32_factor`), else by lookup; by lookup alone if ``factor`` is NaN."""
     driver = _scale_codes_parallel if _in_parallel(table.size) else _scale_codes_serial
-    driver(table.addr, table.count, table.step, results, np.float32(factor))
+    driver(table.addr, table.count, table.step, results, np.float32(factor), np.int64(below))
 
 
 @njit(cache=True)

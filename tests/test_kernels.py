@@ -274,23 +274,33 @@ def test_many_leaves_with_one_repeat_far_apart_count_once(rng):
 
 
 FLOAT32_FACTORS = {
-    # 1 / total: whether scaling in float32 gives every code's exact result with a factor
-    # that `float32_factor` finds (found), or none does and the codes are looked up
-    "float16": {2.0: True, 3.0: True, 1001.0: True, 2.0**20: True, 1e300: True, 1 / 0.3: False},
-    "bfloat16": {2.0: True, 3.0: True, 1001.0: True, 2.0**20: True, 1e300: False, 1 / 0.17857187817437192: False},
-}
+    # 1 / total: the codes a factor that `float32_factor` finds gives their exact results:
+    # "all", "most" (the others, small ones, looked up by block) or "none" (all looked up)
+    "float16": {2.0: "all", 3.0: "all", 1001.0: "all", 2.0**20: "all", 1e300: "all", 1 / 0.3: "most"},
+    "bfloat16": {
+        2.0: "all", 3.0: "all", 1001.0: "all", 2.0**20: "all", 1e300: "most",
+        1 / 0.17857187817437192: "most", 2 / (1 - 1e-9): "most",
+    },
+}  # fmt: skip
 
 
-@HALF_DTYPES
-@pytest.mark.parametrize("case", range(6))
-def test_scaling_many_half_precision_elements_by_one_coefficient_equals_scaling_each(half_dtype, case, monkeypatch):
+@pytest.mark.parametrize(
+    "half_dtype, total, codes_in_float32",
+    [
+        pytest.param(dtype, total, which, id=f"{dtype_id(dtype)}-{total:.6g}")
+        for dtype in (np.dtype(np.float16), BFLOAT16)
+        for total, which in FLOAT32_FACTORS[dtype.name].items()
+    ],
+)
+def test_scaling_many_half_precision_elements_by_one_coefficient_equals_scaling_each(
+    half_dtype, total, codes_in_float32, monkeypatch
+):
     """Large half-precision leaves scaled by one coefficient go by every code's exact
-    result: in float32 with a factor checked on all 65,536 codes, or by lookup where no
-    factor gives them all (near float64 ties; bfloat16 results that are subnormal, where
-    the float32 product rounds twice; zero factors). Either way the same bits, NaN
-    payloads included, as rounding each product, for every code, in contiguous and strided
-    leaves, with coefficients that make ties, subnormals and zeros."""
-    total, in_float32 = list(FLOAT32_FACTORS[half_dtype.name].items())[case]
+    result: in float32 with a factor checked on all 65,536 codes, by lookup for the blocks
+    that hold codes the factor misses (near float64 ties; bfloat16 results that are
+    subnormal, where the float32 product rounds twice; zero factors). Either way the same
+    bits, NaN payloads included, as rounding each product, for every code, in contiguous
+    and strided leaves, with coefficients that make ties, subnormals and zeros."""
     codes = ALL_16_BIT_PATTERNS.view(half_dtype)
     tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
 
@@ -301,10 +311,14 @@ def test_scaling_many_half_precision_elements_by_one_coefficient_equals_scaling_
 
     factors = []
     scale_codes_table = kernels.scale_codes_table
-    monkeypatch.setattr(kernels, "scale_codes_table", lambda *args: factors.append(args[2]) or scale_codes_table(*args))
+    monkeypatch.setattr(kernels, "scale_codes_table", lambda *args: factors.append(args[2:]) or scale_codes_table(*args))
     by_codes = scaled()
     assert len(factors) == 1
-    assert (not math.isnan(factors[0])) == (in_float32 and kernels.scales_in_float32(_table.witness(half_dtype)))
+    factor, below = factors[0]
+    if not kernels.scales_in_float32(_table.witness(half_dtype)):
+        codes_in_float32 = "none"
+    assert math.isnan(factor) == (codes_in_float32 == "none")
+    assert (below == 1) == (codes_in_float32 == "all")
     monkeypatch.setattr(_cpu, "LOOKUP_MIN", math.inf)
     by_element = scaled()
     assert len(factors) == 1
@@ -315,24 +329,32 @@ def test_scaling_many_half_precision_elements_by_one_coefficient_equals_scaling_
 
 @HALF_DTYPES
 def test_a_float32_factor_is_used_only_where_it_gives_every_code_its_exact_result(half_dtype):
-    """Where the nearest float32 to the coefficient misses a code's exact result, a
-    neighbour that gives them all is taken, or none (NaN); the nearest one (wrong here)
-    is never returned."""
+    """Where the nearest float32 to the coefficient misses a code's exact result, of it
+    and its neighbours the one is taken whose missed codes are the smallest in magnitude,
+    and ``below`` bounds them tightly: every code of magnitude 0 or from ``below`` on gets
+    its exact result, and one of magnitude ``below - 1`` does not."""
     codes = ALL_16_BIT_PATTERNS.view(_kernel_dtype(half_dtype))
     if not kernels.scales_in_float32(_table.witness(half_dtype)):
         assert not kernels._f16c() and half_dtype == np.float16
         return
-    # coefficient: whether a neighbour of its nearest float32 gives every code's result
-    cases = {"float16": {0.3: False, 0.578: True, 0.551: True}, "bfloat16": {0.17857187817437192: False, 0.545: True}}
-    for coef, found in cases[half_dtype.name].items():
+    magnitude = ALL_16_BIT_PATTERNS.astype(np.int64) & 0x7FFF
+
+    def missed_below(factor):  # 1 + the largest magnitude of a code ``factor`` misses (1: none)
+        got = codes.copy()
+        kernels.scale32_cpu_(got, factor)
+        return int(magnitude[got != exact].max(initial=0)) + 1, got
+
+    cases = {"float16": [0.3, 0.578, 0.551], "bfloat16": [0.17857187817437192, 0.545, 0.5 * (1 - 1e-9)]}
+    for coef in cases[half_dtype.name]:
         exact = kernels.scaled_codes(codes, coef)
-        nearest = codes.copy()
-        kernels.scale32_cpu_(nearest, np.float32(coef))
-        assert not np.array_equal(nearest, exact), coef  # the check is needed
-        factor = kernels.float32_factor(codes, exact, coef, _cpu.FACTOR_TRIES)
-        assert (not math.isnan(factor)) == found, coef
-        if found:
-            assert factor != np.float32(coef) and abs(factor - coef) <= 3 * np.spacing(np.float32(coef))
-            got = codes.copy()
-            kernels.scale32_cpu_(got, factor)
-            assert np.array_equal(got, exact), coef
+        nearest = np.float32(coef)
+        assert missed_below(nearest)[0] > 1, coef  # the check is needed
+        factor, below = kernels.float32_factor(codes, exact, coef, _cpu.FACTOR_TRIES)
+        assert abs(factor - coef) <= 3 * np.spacing(nearest), coef
+        assert missed_below(factor)[0] == below, coef
+        got = missed_below(factor)[1]
+        kept = (magnitude == 0) | (magnitude >= below)
+        assert np.array_equal(got[kept], exact[kept]), coef
+        up, down = np.nextafter(nearest, np.float32(np.inf)), np.nextafter(nearest, np.float32(-np.inf))
+        neighbours = [nearest, up, down, np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))]
+        assert below == min(missed_below(f)[0] for f in neighbours), coef
