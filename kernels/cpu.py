@@ -357,6 +357,22 @@ def _finite_impl(x):
 @njit(fastmath=FAST, cache=True)
 def sumsq_cpu(v):
     """Sum of |x|**2 in float64."""
+    return _sumsq(v)
+
+
+def _sumsq(v):
+    """`sumsq_cpu` by the loop that suits ``v``'s type."""
+
+
+@overload(_sumsq, inline="always")
+def _sumsq_impl(v):
+    if v.dtype == types.int16 and v.layout == "C":
+        return lambda v: _sumsq_bfloat16_pairs(v)
+    return lambda v: _sumsq_halves(v)
+
+
+@njit(fastmath=FAST, inline="always")  # inlined: a call costs small rows ~10 ns
+def _sumsq_halves(v):
     # Two halves summed side by side: twice the independent accumulators LLVM makes of
     # one (the float32 loop was bound by the latency of its 4 FMA chains), and two
     # streams for the prefetcher (21.7 -> 26.6 GB/s on one core, float32 from memory).
@@ -370,6 +386,50 @@ def sumsq_cpu(v):
         x = _widen(v[v.size - 1])
         s += x.real * x.real + x.imag * x.imag
     return s + t
+
+
+@intrinsic
+def _load_uint32(typingctx, addr):
+    """The 4 bytes at ``addr``, whatever its alignment (a 16-bit array's may be 2)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.load(builder.inttoptr(args[0], ir.IntType(32).as_pointer()), align=1)
+
+    return types.uint32(types.intp), codegen
+
+
+@njit(fastmath=FAST, inline="always")
+def _sumsq_bfloat16_pairs(v):
+    """`_sumsq_halves` of contiguous bfloat16 codes, read two at a time.
+
+    Element by element (zero-extend 4 codes to 32 bits, shift, widen to float64, FMA) the
+    loop issued 5 vector instructions per 4 codes, 3 of them on the two shuffle/shift
+    pipes of this Zen 3 core: one thread summed 6.2 G codes/s from L1, half the memory
+    bandwidth. A 32-bit word of two codes is both their float32s at once: ``w << 16`` is
+    the first (little-endian: the lower address), ``w & 0xFFFF0000`` the second. 16.5 ->
+    18.5 GB/s from L1, 12.8 -> 14.3 GB/s from memory. The words are read at the codes'
+    own positions, so the sum's order (hence its bits) does not depend on the address.
+    """
+    pairs = v.size // 2
+    half = pairs // 2
+    base = v.ctypes.data
+    s0 = s1 = t0 = t1 = 0.0
+    for i in range(half):
+        w, x = _load_uint32(base + 4 * i), _load_uint32(base + 4 * (half + i))
+        a, b = np.float64(_f32_from_bits(np.uint32(w << _SIXTEEN))), np.float64(_f32_from_bits(np.uint32(w & _UPPER)))
+        c, d = np.float64(_f32_from_bits(np.uint32(x << _SIXTEEN))), np.float64(_f32_from_bits(np.uint32(x & _UPPER)))
+        s0 += a * a
+        s1 += b * b
+        t0 += c * c
+        t1 += d * d
+    s = (s0 + s1) + (t0 + t1)
+    for i in range(4 * half, v.size):  # at most 3
+        x = _widen(v[i])
+        s += x * x
+    return s
+
+
+_SIXTEEN, _UPPER = np.uint32(16), np.uint32(0xFFFF0000)
 
 
 @njit(fastmath=FAST, cache=True)

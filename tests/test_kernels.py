@@ -34,6 +34,26 @@ def test_bfloat16_decoding_is_exact_for_every_bit_pattern():
     assert_same_bits(got, ALL_16_BIT_PATTERNS.view(BFLOAT16).astype(np.float32), nan_payload=False)
 
 
+@pytest.mark.parametrize("size", [*range(12), 17, 1001, kernels.CHUNK + 3])
+def test_bfloat16_sums_of_squares_read_in_pairs_at_any_alignment(size, rng):
+    """Contiguous bfloat16 codes are summed two per 32-bit word: the fsum reference at
+    every length (tails of 1 to 3 codes), the same bits at an address 2 bytes off a
+    4-byte boundary, and inf / NaN anywhere reach the sum."""
+    values = random_values(size, BFLOAT16, rng, scale=1e3)
+    shifted = np.empty(size + 1, BFLOAT16)[1:]
+    shifted[...] = values
+    assert size == 0 or (values.ctypes.data % 4, shifted.ctypes.data % 4) == (0, 2)  # empty: no memory
+    expected = math.fsum(float(x) ** 2 for x in values.astype(np.float64))
+    got = kernels.sumsq_cpu(values.view(np.int16))
+    assert got == pytest.approx(expected, rel=1e-13, abs=0.0)
+    assert_same_bits(np.float64(kernels.sumsq_cpu(shifted.view(np.int16))), np.float64(got))
+    for position in {0, size // 2, size - 1} if size else ():
+        for special, check in ((np.inf, math.isinf), (np.nan, math.isnan)):
+            poked = shifted.copy()
+            poked[position] = special
+            assert check(kernels.sumsq_cpu(poked.view(np.int16))), (position, special)
+
+
 HALF_DTYPES = pytest.mark.parametrize("half_dtype", [np.dtype(np.float16), BFLOAT16], ids=dtype_id)
 
 
