@@ -368,11 +368,21 @@ def _sumsq(v):
 def _sumsq_impl(v):
     if v.dtype == types.int16 and v.layout == "C":
         return lambda v: _sumsq_bfloat16_pairs(v)
-    return lambda v: _sumsq_halves(v)
+    return lambda v: _sumsq_elements(v)
 
 
-@njit(fastmath=FAST, inline="always")  # inlined: a call costs small rows ~10 ns
-def _sumsq_halves(v):
+TWO_STREAMS_MIN = 1 << 11
+"""Elements from which `sumsq_cpu` reads a view as two streams."""
+
+
+@njit(fastmath=FAST, inline="always")  # inlined: a call costs a small row ~10 ns
+def _sumsq_elements(v):
+    if v.size < TWO_STREAMS_MIN:  # one loop: per row 2x faster up to 512 float32 (L2)
+        s = 0.0
+        for i in range(v.size):
+            x = _widen(v[i])
+            s += x.real * x.real + x.imag * x.imag
+        return s
     # Two halves summed side by side: twice the independent accumulators LLVM makes of
     # one (the float32 loop was bound by the latency of its 4 FMA chains), and two
     # streams for the prefetcher (21.7 -> 26.6 GB/s on one core, float32 from memory).
@@ -400,7 +410,7 @@ def _load_uint32(typingctx, addr):
 
 @njit(fastmath=FAST, inline="always")
 def _sumsq_bfloat16_pairs(v):
-    """`_sumsq_halves` of contiguous bfloat16 codes, read two at a time.
+    """`_sumsq_elements` of contiguous bfloat16 codes, read two at a time.
 
     Element by element (zero-extend 4 codes to 32 bits, shift, widen to float64, FMA) the
     loop issued 5 vector instructions per 4 codes, 3 of them on the two shuffle/shift
