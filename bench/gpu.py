@@ -5,8 +5,9 @@ of ``clip_grad_norm_`` on W2 (GPT-2 small, 148 leaves), W4 (10,000 x 256) and W5
 (100 x 10), float32, on the CUDA simulator's arrays with the kernels not run: every
 launch is prepared and its arguments marshalled as on a GPU (numba-cuda's compiled
 kernel and the driver's launch stubbed), and counted. Per call: microseconds on the
-first call (the plan is made and uploaded) and on later ones (the plan is reused),
-launches, and arguments per launch.
+first call (the plan is made and uploaded) and on later ones (the plan is reused: the
+median wall time, and the calling thread's median CPU time, which other jobs on a shared
+machine do not inflate), launches, and arguments per launch.
 
 ``python bench/gpu.py --quick [--json PATH]`` (a machine with an NVIDIA GPU, CuPy and a
 CUDA build of torch; ``make gpu-check`` runs it): one table of
@@ -67,9 +68,9 @@ def host_cost(repeats):
     widths = []
     _cuda._compiled = lambda kernel, array_dtypes, scalar_types: Stub()
 
-    def launch(self, kernel, grid, threads, arrays, scalars):
+    def launch(self, kernel, grid, threads, arrays, values, types):
         _cuda._LAUNCHES.record(kernel)
-        compiled, args = self.marshalled(kernel, arrays, scalars)
+        compiled, args = self.marshalled(kernel, arrays, values, types)
         compiled.launch(None, grid, threads, threads * 8, args)
 
     _cuda._Launcher.launch = launch
@@ -81,21 +82,25 @@ def host_cost(repeats):
         gradclip.clip_grad_norm_(leaves, 0.5)
         first = time.perf_counter() - start
         launches, arguments = len(names), max(widths)
-        samples = []
+        wall, cpu = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             gradclip.clip_grad_norm_(leaves, 0.5)
-            samples.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
+            wall.append(time.perf_counter() - start)
         _cuda._LAUNCHES.names = None
-        rows.append((name, title, first, statistics.median(samples), launches, arguments))
+        rows.append((name, title, first, statistics.median(wall), statistics.median(cpu), launches, arguments))
     return rows
 
 
 def print_host(rows):
     print("host cost of clip_grad_norm_ (float32; kernels not run, launches marshalled and counted)")
-    print(f"{'workload':<28} {'first call':>12} {'plan reused':>12} {'launches':>9} {'args/launch':>12}")
-    for name, title, first, reused, launches, arguments in rows:
-        print(f"{name + ' ' + title:<28} {first * 1e6:>10.0f}us {reused * 1e6:>10.1f}us {launches:>9} {arguments:>12}")
+    print(f"{'workload':<28} {'first call':>12} {'plan reused':>12} {'its CPU time':>13} {'launches':>9} {'args/launch':>12}")
+    for name, title, first, reused, cpu, launches, arguments in rows:
+        print(
+            f"{name + ' ' + title:<28} {first * 1e6:>10.0f}us {reused * 1e6:>10.1f}us {cpu * 1e6:>11.1f}us"
+            f" {launches:>9} {arguments:>12}"
+        )
 
 
 # -------------------------------------------------------------------- the GPU

@@ -34,6 +34,7 @@ import weakref
 import numpy as np
 
 from . import _checks, _dispatch, _table
+from ._kernels import cpu as cpu_kernels
 
 _PLANS_KEPT = 16
 """Plans kept for reuse (most recently used first)."""
@@ -234,7 +235,11 @@ def _stream_of(leaf):
         import cupy
 
         return cupy.cuda.get_current_stream().ptr
-    stream = leaf.stream
+    return _declared_stream(leaf.stream)
+
+
+def _declared_stream(stream):
+    """The handle of the stream a producer declares (none: 0, the legacy default stream)."""
     if not stream:  # none declared: no ordering asked for
         return 0
     if isinstance(stream, int):  # 1 and 2 are the legacy and per-thread default streams' handles too
@@ -308,25 +313,24 @@ class _Launcher:
         self.stream = stream
         self._core_stream = None if simulated() else _core_stream(stream)
 
-    def launch(self, kernel, grid, threads, arrays, scalars):
-        """``kernel`` on ``grid`` blocks of ``threads``: ``arrays`` are `_Buffer`s, ``scalars``
-        ``(value, "i8" | "f8")`` pairs."""
+    def launch(self, kernel, grid, threads, arrays, values, types):
+        """``kernel`` on ``grid`` blocks of ``threads``: ``arrays`` are `_Buffer`s, then the
+        scalars ``values`` of ``types`` (a tuple of "i8" and "f8")."""
         _LAUNCHES.record(kernel)
         shared = threads * 8
         if self._core_stream is None:  # the simulator
-            args = [b.kernel_array() for b in arrays] + [v for v, _ in scalars]
-            kernel[grid, threads, 0, shared](*args)
+            kernel[grid, threads, 0, shared](*[b.kernel_array() for b in arrays], *values)
             return
-        compiled, args = self.marshalled(kernel, arrays, scalars)
+        compiled, args = self.marshalled(kernel, arrays, values, types)
         compiled.launch(self._core_stream, grid, threads, shared, args)
 
     @staticmethod
-    def marshalled(kernel, arrays, scalars):
+    def marshalled(kernel, arrays, values, types):
         """The compiled ``kernel`` for these arguments' types, and the arguments as Numba
         passes them to the driver."""
-        compiled = _compiled(kernel, tuple([b.dtype for b in arrays]), tuple([t for _, t in scalars]))
+        compiled = _compiled(kernel, tuple([b.dtype for b in arrays]), types)
         args = [value for b in arrays for value in b.abi()]
-        args += [_C_TYPES[t](v) for v, t in scalars]
+        args += [_C_TYPES[t](v) for v, t in zip(values, types)]
         return compiled, args
 
     def wait_for(self, handle):
@@ -341,6 +345,8 @@ class _Launcher:
 
 
 _C_TYPES = {"i8": ctypes.c_int64, "f8": ctypes.c_double}
+_PASS_SCALARS = ("i8", "f8", "f8", "f8")  # group, a, b, c
+_FINISH_SCALARS = ("i8", "f8", "i8")  # mode, p, flags
 
 
 class _LaunchLog:
@@ -547,12 +553,14 @@ class Plan:
         self.scratch = cuda.to_device(np.zeros(self.scratch_size), stream=self._numba_stream())
         self._table, self._scratch = _buffer_of(self.table), _buffer_of(self.scratch)
         self._dense = None  # the table of dense copies, made when first asked for
-        self.ids = self.pointers = None  # the cache key, set by `_PlanCache`
+        self.ids = self.pointers = None  # the leaves' ids (bytes of int64) and torch data pointers, set by `_PlanCache`
         self.alive = True
 
     def _place(self, layout):
         self.host_table, self.groups, self.row_of, self.nrows, self.width, self.scratch_size = layout
         self.npositions = self.positions.size
+        # whether float64-based rows are here, whose sums of squares may over- or underflow
+        self.float64_based = any(g.dtype in (np.float64, np.complex128) for g in self.groups)
 
     def rebind(self, leaves, orders=None):
         """The plan of other ``leaves`` of the same dtypes, shapes and order (the next
@@ -588,20 +596,21 @@ class Plan:
             self.launcher.launch(
                 kernel, g.grid, kernels.THREADS_PER_BLOCK,
                 [g.data if data is None else data[g.index], target, table or self._table, self._scratch],
-                [(g.index, "i8"), (a, "f8"), (b, "f8"), (c, "f8")],
-            )
+                (g.index, a, b, c), _PASS_SCALARS,
+            )  # fmt: skip
 
     def launch(self, kernel, grid, threads, arrays, scalars):
         """``kernel(table, scratch, *arrays, *scalars)`` on this plan's stream: a kernel of
         another shape than the passes' (``kernels/private_cuda.py``'s). ``arrays``:
         `_Buffer`s; ``scalars``: ``(value, "i8" | "f8")`` pairs."""
-        self.launcher.launch(kernel, grid, threads, [self._table, self._scratch, *arrays], scalars)
+        values, types = zip(*scalars) if scalars else ((), ())
+        self.launcher.launch(kernel, grid, threads, [self._table, self._scratch, *arrays], values, types)
 
     def finish(self, mode, p, flags, out):
         kernels = _kernels()
         self.launcher.launch(
-            kernels.finish_cuda, 1, kernels.FINISH_THREADS, [self._table, self._scratch, out],
-            [(mode, "i8"), (p, "f8"), (flags, "i8")],
+            kernels.finish_cuda, 1, kernels.FINISH_THREADS, [self._table, self._scratch, out], (mode, p, flags),
+            _FINISH_SCALARS,
         )
 
     def norms(self, p, out):
@@ -615,7 +624,7 @@ class Plan:
         kernels = _kernels()
         final, every = kernels.FINAL, kernels.ALL_ROWS
         if p in (1.0, 2.0):
-            redo = any(g.dtype in (np.float64, np.complex128) for g in self.groups)
+            redo = self.float64_based
             self.run("sumsq_cuda" if p == 2.0 else "sumabs_cuda", a=p)
             self.finish(kernels.FOLD_SUMS, p, 0 if redo else final, out)
             if redo:
@@ -654,22 +663,23 @@ class Plan:
 
     # ---------------------------------------------------------------- results
 
-    def new(self, n, dtype=np.float64):
-        """``(buffer, array)``: ``n`` new elements of ``dtype`` on the plan's device, as an
-        array of the call's kind."""
+    def new(self, shape, dtype=_FLOAT64):
+        """``(buffer, array)``: a new array of ``shape`` (an int: 1-d; ``()``: 0-d) and
+        ``dtype`` on the plan's device, of the call's kind; the buffer spans it."""
         dtype = np.dtype(dtype)
         if not simulated():
+            n = shape if isinstance(shape, int) else math.prod(shape)
             if self.kind == "torch":
                 torch = sys.modules["torch"]
-                array = torch.empty(n, dtype=_TORCH_OF[dtype.name](torch), device=torch.device("cuda", self.device))
+                array = torch.empty(shape, dtype=_TORCH_OF[dtype.name](torch), device=torch.device("cuda", self.device))
                 return _Buffer(array.data_ptr(), n, _kernel_dtype(dtype), array), array
             if self.kind == "cupy":
                 import cupy
 
                 with cupy.cuda.Device(self.device):
-                    array = cupy.empty(n, dtype)
+                    array = cupy.empty(shape, dtype)
                 return _Buffer(array.data.ptr, n, _kernel_dtype(dtype), array), array
-        array = _cuda().device_array(n, _kernel_dtype(dtype), stream=self._numba_stream())
+        array = _cuda().device_array(shape, _kernel_dtype(dtype), stream=self._numba_stream())
         return _buffer_of(array), array
 
     def upload(self, values):
@@ -677,15 +687,15 @@ class Plan:
         kernels alone), copied on the plan's stream as its table is."""
         return _buffer_of(_cuda().to_device(values, stream=self._numba_stream()))
 
-    def filled(self, n, value):
-        """`new` of ``n`` float64 set to ``value``."""
-        buffer, array = self.new(n)
+    def filled(self, shape, value):
+        """`new` of ``shape``, float64, set to ``value``."""
+        buffer, array = self.new(shape)
         if self.kind == "torch" and not simulated():
             array.fill_(value)
         elif self.kind == "cupy" and not simulated():
             array.fill(value)
         else:
-            array.copy_to_device(np.full(n, value), stream=self._numba_stream())
+            array.copy_to_device(np.full(shape, value), stream=self._numba_stream())
         return buffer, array
 
     def scalar(self, array):
@@ -845,12 +855,13 @@ class _PlanCache:
         self._lock = threading.Lock()
 
     def find(self, leaves, stream):
-        ids = list(map(id, leaves))
+        ids = cpu_kernels.object_ids(leaves)
+        key = (stream, ids.size, int(ids[0])) if ids.size else None
         with self._lock:
-            plan = self._plans.get((stream, len(ids), ids[0]) if ids else None)
-            if plan is None or plan.ids != ids or not plan.alive:
+            plan = self._plans.get(key)
+            if plan is None or not plan.alive or plan.ids != ids.tobytes():
                 return None
-            self._plans.move_to_end((stream, len(ids), ids[0]))
+            self._plans.move_to_end(key)
         if plan.pointers is not None and _data_pointers(leaves, plan.pointers[0]) != plan.pointers[1]:
             return None
         return plan
@@ -858,19 +869,19 @@ class _PlanCache:
     def keep(self, plan, leaves, stream):
         """Keep ``plan`` for ``leaves`` (the call's, in position order) if they can be
         referenced weakly."""
-        ids = list(map(id, leaves))
+        ids = cpu_kernels.object_ids(leaves)
         drop = functools.partial(_PlanCache._drop, weakref.ref(plan))
         try:
             plan.refs = [weakref.ref(leaf, drop) for leaf in {id(x): x for x in leaves}.values()]
         except TypeError:  # an owner that cannot be referenced weakly: no reuse
             return
-        plan.ids = ids
+        plan.ids = ids.tobytes()
         tensors = [i for i, leaf in enumerate(leaves) if type(leaf).__module__.startswith("torch")]
         plan.pointers = None
         if tensors:
             plan.pointers = (None if len(tensors) == len(leaves) else tensors, _data_pointers(leaves, tensors))
         with self._lock:
-            self._plans[(stream, len(ids), ids[0])] = plan
+            self._plans[(stream, ids.size, int(ids[0]))] = plan
             while len(self._plans) > _PLANS_KEPT:
                 self._plans.popitem(last=False)
 
@@ -983,7 +994,7 @@ def call_stream(leaf):
     if torch is not None and isinstance(leaf, torch.Tensor):
         return _torch_stream(leaf.device.index)
     if hasattr(leaf, "__cuda_ndarray__"):
-        return _stream_of(DeviceLeaf(leaf, "numba", 0, (), (), None, 0, stream=getattr(leaf, "stream", 0)))
+        return _declared_stream(getattr(leaf, "stream", 0))
     return None
 
 
@@ -997,9 +1008,9 @@ def norms(batch, p, per_position=False):
     the norm at every position (a 1-d device array; every leaf on the GPU)."""
     gpu = batch.cuda
     with gpu as plan:
-        buffer, out = plan.new(1 + plan.npositions)
+        buffer, out = plan.new(1 + plan.npositions if per_position else ())
         plan.norms(p, buffer)
-    return plan.scalar(out), plan.tail(out) if per_position else None
+    return (plan.scalar(out), plan.tail(out)) if per_position else (out, None)
 
 
 def host_norms(batch, p, into):
@@ -1099,10 +1110,10 @@ def zero_nonfinite_(batch):
 def _count(batch, name):
     kernels = _kernels()
     with batch.cuda as plan:
-        buffer, out = plan.new(1)
+        buffer, out = plan.new(())
         batch.cuda.run(name, c=float(kernels.BY_COEF))
         plan.finish(kernels.FOLD_COUNT, 2.0, 0, buffer)
-    return plan.scalar(out)
+    return out
 
 
 def copy(batch):
@@ -1117,8 +1128,7 @@ def copy(batch):
 def on_device(batch, value):
     """A host float as a 0-d float64 array on the first GPU leaf's device, of its kind."""
     plan = batch.cuda.plan
-    _, out = plan.filled(1, value)
-    return plan.scalar(out)
+    return plan.filled((), value)[1]
 
 
 def to_host(value):
@@ -1202,7 +1212,7 @@ class Accumulation:
         sizes = [template._dense_end(g) for g in template.groups]
         made = [template.new(n, acc) for n, acc in zip(sizes, self.acc)]
         self.buffers, self.arrays = [b for b, _ in made], [a for _, a in made]
-        self.count = template.new(1)  # the non-finite check's result, read at once
+        self.count = template.new(())  # the non-finite check's result, read at once
         self.empty = {acc: template.new(0, acc)[1] for acc in set(self.accumulators)}  # what empty leaves view
         self.flats = self._position_views(self.arrays, lambda i, leaf: ((leaf.size,), ((0, False),)))
         if saved is not None:
@@ -1246,7 +1256,7 @@ class Accumulation:
         with plan.lock:
             plan.run("nonfinite_cuda", c=float(kernels.BY_COEF))
             plan.finish(kernels.FOLD_COUNT, 2.0, 0, buffer)
-        return to_host(plan.scalar(out)) == 0
+        return to_host(out) == 0
 
     def add(self, batch, leaves, first):
         """Accumulate the micro-batch into the buffers (``first``: overwrite)."""

@@ -989,7 +989,7 @@ def plain_headers(objects, required):
     """
     if not _header_layout_confirmed():
         return None
-    ok, *headers = _plain_headers(_addresses(objects), id(np.ndarray), required)
+    ok, *headers = _plain_headers(object_ids(objects), id(np.ndarray), required)
     return headers if ok else None
 
 
@@ -1025,7 +1025,7 @@ def array_rows(objects, data, size, flags, itemsize):
     each array's byte range (``lo == hi == 0`` when empty); or None, leaving it to the
     general path, if an array has a zero stride or one that is no multiple of its
     itemsize."""
-    ok, *rows = _array_rows(_addresses(objects), data, size, flags, itemsize)
+    ok, *rows = _array_rows(object_ids(objects), data, size, flags, itemsize)
     return rows if ok else None
 
 
@@ -1548,11 +1548,11 @@ def array_layouts(arrays):
     """
     if not _header_layout_confirmed():
         return None
-    ok, layouts = _read_layouts(_addresses(arrays), id(np.ndarray))
+    ok, layouts = _read_layouts(object_ids(arrays), id(np.ndarray))
     return layouts if ok else None
 
 
-def _addresses(objects):
+def object_ids(objects):
     """``id()`` of every object, as int64.
 
     A list's own item pointers are read where the list keeps them (a few ns per item);

@@ -644,7 +644,8 @@ def finish_cuda(table, scratch, out, mode, p, flags):
 
     With ``FINAL`` the total ``‖norms‖_p`` (NaN if any norm is NaN, else inf if any is
     inf; computed scaled by the largest norm) goes to ``scratch[H_TOTAL]`` and
-    ``out[0]``, and the norm of the leaf at position ``i`` to ``out[1 + i]``.
+    ``out[0]``, and the norm of the leaf at position ``i`` to ``out[1 + i]`` where
+    ``out`` has room (a call that asks for the total alone passes one element).
     """
     t = cuda.threadIdx.x
     threads = cuda.blockDim.x
@@ -695,7 +696,7 @@ def finish_cuda(table, scratch, out, mode, p, flags):
         scratch[table[H_TOTAL]] = total
         out[0] = total
     positions = table[H_POSITIONS]
-    for i in range(t, table[H_NPOSITIONS], threads):
+    for i in range(t, min(table[H_NPOSITIONS], out.size - 1), threads):
         out[1 + i] = scratch[norms + table[positions + i]]
 
 
