@@ -254,12 +254,12 @@ def test_object_addresses_are_their_ids():
     a = np.ones(3)
     objects = [a, [a, a], (1, 2), {"x": a}, None, 3.0, np.float32(2), a[::2]]
     assert kernels._list_layout_confirmed()
-    assert kernels._addresses(objects).tolist() == [id(x) for x in objects]
-    assert kernels._addresses(tuple(objects[:2])).tolist() == [id(a), id(objects[1])]
+    assert kernels.object_ids(objects).tolist() == [id(x) for x in objects]
+    assert kernels.object_ids(tuple(objects[:2])).tolist() == [id(a), id(objects[1])]
     for change in (lambda: objects.extend([np.zeros(2)] * 100), lambda: objects.pop(0), objects.clear):
         change()
-        assert kernels._addresses(objects).tolist() == [id(x) for x in objects]
-    assert kernels._addresses(objects).size == 0 and kernels._addresses([]).size == 0
+        assert kernels.object_ids(objects).tolist() == [id(x) for x in objects]
+    assert kernels.object_ids(objects).size == 0 and kernels.object_ids([]).size == 0
 
 
 def test_distinct_addresses_are_told_from_repeats(rng):
