@@ -9,8 +9,15 @@
   and the first call of a one-loop ``@njit(cache=True)`` function (the probe's
   block sum) with a warm cache — Numba sets up its typing and target registries on
   the first call of any compiled function in a process.
+
+Every interpreter reads Python bytecode from one cache (``PYTHONPYCACHEPREFIX``, a
+temporary folder, filled by an unmeasured first run), as an installed package's are:
+with ``PYTHONDONTWRITEBYTECODE`` set, an editable install's modules would be compiled
+from source on every import (gradclip's ~30: ~80 ms here), while NumPy's and Numba's
+come from the bytecode pip wrote.
 """
 
+import functools
 import os
 import statistics
 import subprocess
@@ -56,8 +63,9 @@ print(time.perf_counter() - start)
 """
 
 
-def _seconds_in_fresh_interpreter(code, cache_dir=None):
-    env = dict(os.environ)
+def _seconds_in_fresh_interpreter(code, bytecode_dir, cache_dir=None):
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=bytecode_dir)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -74,16 +82,18 @@ def _figure(samples):
 def measure_cold_start(runs, compile_runs):
     """``{"import", "first_call_warm_cache", "first_call_cold_cache", "numba_import",
     "numba_first_call"}``, each median/min/samples."""
-    imports = [_seconds_in_fresh_interpreter(IMPORT_TIME) for _ in range(runs)]
-    numba_imports = [_seconds_in_fresh_interpreter(NUMBA_IMPORT_TIME) for _ in range(runs)]
-    _seconds_in_fresh_interpreter(NUMBA_FIRST_CALL_TIME)  # fill the on-disk cache
-    numba_first_calls = [_seconds_in_fresh_interpreter(NUMBA_FIRST_CALL_TIME) for _ in range(runs)]
-    _seconds_in_fresh_interpreter(FIRST_CALL_TIME)  # fill the on-disk cache
-    warm = [_seconds_in_fresh_interpreter(FIRST_CALL_TIME) for _ in range(runs)]
-    cold = []
-    for _ in range(compile_runs):
-        with tempfile.TemporaryDirectory(prefix="gradclip-bench-numba-") as cache_dir:
-            cold.append(_seconds_in_fresh_interpreter(FIRST_CALL_TIME, cache_dir))
+    with tempfile.TemporaryDirectory(prefix="gradclip-bench-bytecode-") as bytecode:
+        seconds = functools.partial(_seconds_in_fresh_interpreter, bytecode_dir=bytecode)
+        for code in (NUMBA_FIRST_CALL_TIME, FIRST_CALL_TIME):
+            seconds(code)  # fill the bytecode cache and Numba's on-disk cache
+        imports = [seconds(IMPORT_TIME) for _ in range(runs)]
+        numba_imports = [seconds(NUMBA_IMPORT_TIME) for _ in range(runs)]
+        numba_first_calls = [seconds(NUMBA_FIRST_CALL_TIME) for _ in range(runs)]
+        warm = [seconds(FIRST_CALL_TIME) for _ in range(runs)]
+        cold = []
+        for _ in range(compile_runs):
+            with tempfile.TemporaryDirectory(prefix="gradclip-bench-numba-") as cache_dir:
+                cold.append(seconds(FIRST_CALL_TIME, cache_dir=cache_dir))
     return {
         "import": _figure(imports),
         "first_call_warm_cache": _figure(warm),

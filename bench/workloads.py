@@ -87,7 +87,9 @@ class Workload:
     """A recipe for one set of gradients.
 
     ``family`` groups variants for ``--only`` (``W2`` selects W2, W2-bf16, W2-fp16);
-    ``strided``: every leaf is a non-contiguous view; ``fresh``: every call gets
+    ``strided``: every leaf is a non-contiguous view (transposed, or every other element
+    of a 1-d buffer; with ``row_step``, every ``row_step``-th row of a taller array);
+    ``fresh``: every call gets
     new array objects (cycling ``FRESH_POOL`` sets); ``big``: fewer repeats in ``--quick``.
     """
 
@@ -97,6 +99,7 @@ class Workload:
     shapes: tuple
     dtype_name: str = "float32"
     strided: bool = False
+    row_step: int = 1
     fresh: bool = False
     big: bool = False
 
@@ -134,7 +137,9 @@ class Workload:
         values = rng.standard_normal(shape, dtype=np.float32)
         if not self.strided:
             return values.astype(self.dtype, copy=False)
-        if len(shape) == 1:  # every other element of a buffer twice as long
+        if self.row_step > 1:
+            leaf = np.empty((shape[0] * self.row_step, *shape[1:]), self.dtype)[:: self.row_step]
+        elif len(shape) == 1:  # every other element of a buffer twice as long
             leaf = np.empty(2 * shape[0], self.dtype)[::2]
         else:  # a transposed view of the reversed shape
             leaf = np.empty(shape[::-1], self.dtype).T
@@ -205,6 +210,7 @@ def all_workloads(quick):
         Workload("W4", "W4", "many-small 10k x 256", ((256,),) * 10_000),
         Workload("W4-fresh", "W4", "many-small, fresh arrays", ((256,),) * 10_000, fresh=True),
         Workload("W5", "W5", "tiny 100 x 10", ((10,),) * 100),
+        Workload("W6", "W6", "1k strided: every 2nd row of 64x64", ((32, 64),) * 1000, strided=True, row_step=2),
     ]
 
 

@@ -183,18 +183,18 @@ _CONTIGUOUS = _C_CONTIGUOUS | _F_CONTIGUOUS
 
 
 def plain_list(grads, writes, real_only=False):
-    """``(dtype, required, any_of)`` if ``grads`` may be a plain list, for the one-call
-    paths (`_cpu.plain_list_norm` and its siblings): a non-empty ``list`` whose first item
-    is a ``numpy.ndarray`` of a dtype accepted before (real if ``real_only``); else None.
-    The kernel then checks that every item is a distinct array of that dtype with every
-    ``required`` flag bit and one of ``any_of``, as `_collect_plain` does.
+    """``(dtype, required)`` if ``grads`` may be a plain list, for the one-call paths
+    (`_cpu.plain_list_norm` and its siblings): a non-empty ``list`` whose first item is a
+    ``numpy.ndarray`` of a dtype accepted before (real if ``real_only``); else None. The
+    kernel then checks that every item is a distinct array of that dtype with every
+    ``required`` flag bit and strides it can walk, as `_collect_plain` does.
     """
     if type(grads) is not list or not grads or type(grads[0]) is not np.ndarray:
         return None
     dtype = grads[0].dtype
     if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
         return None
-    return dtype, _required_flags(writes), _CONTIGUOUS
+    return dtype, _required_flags(writes)
 
 
 def _required_flags(writes):
@@ -231,33 +231,46 @@ def _collect_torch(leaves, treedef, writes, real_only):
 def _collect_plain(leaves, treedef, writes, real_only):
     """The common case without a Python step per leaf, or None to take the general path.
 
-    It applies when every leaf is a distinct, aligned, contiguous ``numpy.ndarray`` of a
-    dtype already accepted once (writable, and sharing no memory with another, if
-    ``writes``; real if ``real_only``): then nothing can fail, and the array headers
-    read in one kernel call say all.
+    It applies when every leaf is a distinct, aligned ``numpy.ndarray`` of a dtype
+    already accepted once, with strides that are nonzero multiples of its itemsize
+    (writable, and sharing no memory with another, if ``writes``; real if
+    ``real_only``): then nothing can fail, and the array headers read in one kernel
+    call say all (and a second call walks the strided ones, `kernels.array_rows`).
     """
-    headers = kernels.plain_headers(leaves, _required_flags(writes), _CONTIGUOUS) if leaves else None
+    headers = kernels.plain_headers(leaves, _required_flags(writes)) if leaves else None
     if headers is None:
         return None
-    data, size, descr, one_dtype, none_empty, total, may_share = headers
-    if one_dtype:
-        groups = [(leaves[0].dtype, None if none_empty else np.flatnonzero(size))]
+    data, size, descr, flags, one_dtype, none_empty, contiguous, total, may_share = headers
+    itemsize = _itemsizes(leaves, descr, one_dtype)
+    if contiguous:
+        rows, lo, hi = None, data, data + size * itemsize
     else:
-        groups = [
-            (leaves[int(np.argmax(descr == address))].dtype, np.flatnonzero((descr == address) & (size > 0)))
-            for address in np.unique(descr)
-        ]
-    if writes and may_share and not _overlap.disjoint(data, data + size * _itemsizes(leaves, descr, one_dtype)):
+        rows = kernels.array_rows(leaves, data, size, flags, np.full(size.size, itemsize) if one_dtype else itemsize)
+        if rows is None:
+            return None
+        lo, hi = rows[4:]
+    if writes and may_share and not _overlap.disjoint(lo, hi):
         return None  # arrays that share memory: the general path names them
+    if one_dtype:
+        dtypes = [leaves[0].dtype]
+    else:
+        dtypes = [leaves[int(np.argmax(descr == address))].dtype for address in np.unique(descr)]
     tables = []
-    for dtype, rows in groups:
+    for dtype in dtypes:
         if not _checks.accepted(dtype) or (real_only and dtype.kind == "c"):
             return None
         witness = _table.witness(dtype)
-        if rows is None:  # every leaf: the header columns as they are
+        if rows is not None:  # the strided walk's rows
+            addr, count, step, seg_leaf = rows[:4]
+            if not one_dtype:
+                keep = descr[seg_leaf] == id(dtype)
+                addr, count, step, seg_leaf = addr[keep], count[keep], step[keep], seg_leaf[keep]
+            table = _table.Table(addr, count, step, seg_leaf, witness)
+        elif one_dtype and none_empty:  # every leaf: the header columns as they are
             table = _table.Table(data, size, np.ones(size.size, np.int64), np.arange(size.size), witness, total)
         else:
-            table = _table.Table(data[rows], size[rows], np.ones(rows.size, np.int64), rows, witness)
+            rows_of = np.flatnonzero((descr == id(dtype)) & (size > 0))
+            table = _table.Table(data[rows_of], size[rows_of], np.ones(rows_of.size, np.int64), rows_of, witness)
         tables.append(table)
     leaves = list(leaves)  # the caller's list may change after we return
     return Batch(treedef, leaves, np.arange(len(leaves)), tables, leaves)

@@ -94,11 +94,11 @@ def plain_list_norm(grads, plain, max_norm=math.inf, eps=0.0):
     """
     if plain is None:
         return None
-    dtype, required, any_of = plain
+    dtype, required = plain
     size_limit = LOOKUP_MIN if dtype.itemsize == 2 and max_norm < math.inf else kernels.NO_LIMIT
     witness = _table.witness(dtype)
     return kernels.plain_list_norm(
-        grads, dtype, required, any_of, size_limit, max_norm, eps, _TINY, _wide(witness.dtype), witness
+        grads, dtype, required, size_limit, max_norm, eps, _TINY, _wide(witness.dtype), witness
     )
 
 
@@ -122,8 +122,11 @@ def _plain_list_update(op, grads, plain, bound):
 
 
 LOOKUP_MIN = 1 << 20
-"""16-bit elements scaled by one coefficient from which a table of all 65,536 results
-(~75 us to make) is cheaper than rounding each product."""
+"""16-bit elements scaled by one coefficient from which computing all 65,536 codes'
+results first (~50-100 us) is cheaper than rounding each float64 product."""
+
+FACTOR_TRIES = 5
+"""float32 factors `kernels.float32_factor` tries (the nearest and two on each side)."""
 
 
 def scale_(batch, coef):
@@ -132,9 +135,21 @@ def scale_(batch, coef):
     for table in _tables(batch, None if scaled.all() else scaled):
         coefs = coef[table.seg_leaf]
         if table.witness.itemsize == 2 and table.size >= LOOKUP_MIN and (coefs == coefs[0]).all():
-            kernels.look_up_table(table, kernels.scaled_codes(_all_codes(table.witness.dtype), float(coefs[0])))
+            _scale_codes(table, float(coefs[0]))
         else:
             kernels.update_table(kernels.SCALE, table, coef)
+
+
+def _scale_codes(table, coef):
+    """Every element of a 16-bit table times ``coef``, by its code's exact result: in
+    float32 where a factor gives the elements' codes theirs, else by lookup (see
+    kernels/cpu.py)."""
+    codes = _all_codes(table.witness.dtype)
+    results = kernels.scaled_codes(codes, coef)
+    factor, below = math.nan, kernels.ALL_CODES
+    if kernels.scales_in_float32(table.witness):
+        factor, below = kernels.float32_factor(codes, results, coef, FACTOR_TRIES)
+    kernels.scale_codes_table(table, results, factor, below)
 
 
 @functools.cache

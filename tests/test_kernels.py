@@ -2,12 +2,15 @@
 against the references, and the serial and parallel drivers agreeing bit for bit."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import gradclip as gc
-from gradclip import _cpu
+from gradclip import _cpu, _table
 from gradclip._kernels import cpu as kernels
 from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
 from reference import BFLOAT16, ref_clamp, ref_nonfinite_mask, ref_scale, round_to
@@ -31,6 +34,26 @@ def test_bfloat16_decoding_is_exact_for_every_bit_pattern():
     assert_same_bits(got, ALL_16_BIT_PATTERNS.view(BFLOAT16).astype(np.float32), nan_payload=False)
 
 
+@pytest.mark.parametrize("size", [*range(12), 17, 1001, kernels.CHUNK + 3])
+def test_bfloat16_sums_of_squares_read_in_pairs_at_any_alignment(size, rng):
+    """Contiguous bfloat16 codes are summed two per 32-bit word: the fsum reference at
+    every length (tails of 1 to 3 codes), the same bits at an address 2 bytes off a
+    4-byte boundary, and inf / NaN anywhere reach the sum."""
+    values = random_values(size, BFLOAT16, rng, scale=1e3)
+    shifted = np.empty(size + 1, BFLOAT16)[1:]
+    shifted[...] = values
+    assert size == 0 or (values.ctypes.data % 4, shifted.ctypes.data % 4) == (0, 2)  # empty: no memory
+    expected = math.fsum(float(x) ** 2 for x in values.astype(np.float64))
+    got = kernels.sumsq_cpu(values.view(np.int16))
+    assert got == pytest.approx(expected, rel=1e-13, abs=0.0)
+    assert_same_bits(np.float64(kernels.sumsq_cpu(shifted.view(np.int16))), np.float64(got))
+    for position in {0, size // 2, size - 1} if size else ():
+        for special, check in ((np.inf, math.isinf), (np.nan, math.isnan)):
+            poked = shifted.copy()
+            poked[position] = special
+            assert check(kernels.sumsq_cpu(poked.view(np.int16))), (position, special)
+
+
 HALF_DTYPES = pytest.mark.parametrize("half_dtype", [np.dtype(np.float16), BFLOAT16], ids=dtype_id)
 
 
@@ -38,8 +61,12 @@ def _kernel_dtype(half_dtype):
     return np.uint16 if half_dtype == np.float16 else np.int16
 
 
-def _narrow_one(half_dtype):
-    return kernels._f64_to_f16 if half_dtype == np.float16 else kernels._f64_to_bf16
+def _narrowers(half_dtype):
+    """The scalar float64 -> code roundings of ``half_dtype`` this machine runs: float16's
+    in integer code and, where the CPU has F16C, with its conversion."""
+    if half_dtype != np.float16:
+        return [kernels._f64_to_bf16]
+    return [kernels._f64_to_f16, *([kernels._f64_to_f16_f16c] if kernels._f16c() else [])]
 
 
 def _hard_float64_values(rng, half_dtype):
@@ -73,9 +100,9 @@ def _hard_float64_values(rng, half_dtype):
 @HALF_DTYPES
 def test_rounding_to_half_precision_is_nearest_even_once(half_dtype, rng):
     values = _hard_float64_values(rng, half_dtype)
-    narrow = _narrow_one(half_dtype)
-    got = np.array([narrow(v) for v in values], dtype=np.uint32).astype(np.uint16).view(half_dtype)
-    assert_same_bits(got, round_to(values, half_dtype))
+    for narrow in _narrowers(half_dtype):
+        got = np.array([narrow(v) for v in values], dtype=np.uint32).astype(np.uint16).view(half_dtype)
+        assert_same_bits(got, round_to(values, half_dtype), narrow.__name__)
 
 
 @HALF_DTYPES
@@ -92,6 +119,47 @@ def test_rounding_in_the_vectorised_kernel_loop(half_dtype, rng):
         scaled = codes.copy()
         kernels.scale_cpu_(scaled, coef)
         assert_same_bits(scaled.view(half_dtype), ref_scale(codes.view(half_dtype), coef), f"scaled by {coef!r}")
+
+
+WITHOUT_F16C = """
+import math
+import numpy as np
+import gradclip as gc
+from gradclip import _cpu
+from gradclip._kernels import cpu as kernels
+
+assert not kernels._f16c()
+codes = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+finite = codes[np.isfinite(codes)]
+wide = finite.astype(np.float64)
+assert np.array_equal(gc.layer_norms(list(finite.reshape(-1, 1)), np.inf), np.abs(wide))  # every value read exactly
+assert gc.grad_norm(finite) == math.sqrt(math.fsum(wide * wide))
+tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
+for total in (3.0, 1 / 0.578):
+    by_codes, by_element = tiled.copy(), tiled.copy()
+    gc.clip_grads_with_norm_(by_codes, 1.0, total, eps=0.0)  # by lookup: no float32 factor without F16C
+    _cpu.LOOKUP_MIN = math.inf
+    gc.clip_grads_with_norm_(by_element, 1.0, total, eps=0.0)
+    _cpu.LOOKUP_MIN = 1 << 20
+    assert np.array_equal(by_codes.view(np.uint16), by_element.view(np.uint16))
+    with np.errstate(invalid="ignore"):  # NaN codes
+        expected = (tiled.astype(np.float64) * (1.0 / total)).astype(np.float16)  # NumPy rounds once
+    nan = np.isnan(expected)
+    assert np.array_equal(by_codes.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    assert (by_codes.view(np.uint16)[nan] & 0x7FFF == 0x7E00).all()
+print("checked")
+"""
+
+
+def test_float16_on_a_cpu_without_f16c(tmp_path):
+    """float16 is converted with F16C where the CPU has it; for a CPU without (Numba's
+    generic target, which its cache keeps apart), the kernels read codes through a table
+    and round in integer code, with the same results: a fresh process on an empty cache."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", WITHOUT_F16C], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "checked", (done.stdout + done.stderr)[-3000:]
 
 
 @HALF_DTYPES
@@ -129,8 +197,8 @@ def test_nan_narrows_to_a_quiet_nan(half_dtype):
     else:
         expected = sign | np.uint64(0x7FC0) | ((bits >> np.uint64(45)) & np.uint64(0x7F))
     expected = expected.astype(np.uint16)
-    narrow = _narrow_one(half_dtype)
-    assert [int(narrow(v)) for v in bits.view(np.float64)] == expected.tolist()
+    for narrow in _narrowers(half_dtype):
+        assert [int(narrow(v)) for v in bits.view(np.float64)] == expected.tolist(), narrow.__name__
     many = np.tile(bits, 100).view(np.float64)  # long enough for the vector loop
     got = gc.GradAccumulator(1, average=False, accumulator_dtype=half_dtype).step(many)
     assert got.view(np.uint16).tolist() == np.tile(expected, 100).tolist()
@@ -225,13 +293,34 @@ def test_many_leaves_with_one_repeat_far_apart_count_once(rng):
         assert_same_bits(a, b)
 
 
-@HALF_DTYPES
-@pytest.mark.parametrize("total", [2.0, 3.0, 1001.0, 2.0**20, 1e300])
-def test_scaling_half_precision_by_lookup_equals_scaling_each_element(half_dtype, total, monkeypatch):
-    """Large half-precision leaves scaled by one coefficient go through a table of all
-    65,536 results: the same bits (NaN payloads included) as rounding each product, for
-    every code, in contiguous and strided leaves, with coefficients that make ties,
-    subnormals and zeros."""
+FLOAT32_FACTORS = {
+    # 1 / total: the codes a factor that `float32_factor` finds gives their exact results:
+    # "all", "most" (the others, small ones, looked up by block) or "none" (all looked up)
+    "float16": {2.0: "all", 3.0: "all", 1001.0: "all", 2.0**20: "all", 1e300: "all", 1 / 0.3: "most"},
+    "bfloat16": {
+        2.0: "all", 3.0: "all", 1001.0: "all", 2.0**20: "all", 1e300: "most",
+        1 / 0.17857187817437192: "most", 2 / (1 - 1e-9): "most",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "half_dtype, total, codes_in_float32",
+    [
+        pytest.param(dtype, total, which, id=f"{dtype_id(dtype)}-{total:.6g}")
+        for dtype in (np.dtype(np.float16), BFLOAT16)
+        for total, which in FLOAT32_FACTORS[dtype.name].items()
+    ],
+)
+def test_scaling_many_half_precision_elements_by_one_coefficient_equals_scaling_each(
+    half_dtype, total, codes_in_float32, monkeypatch
+):
+    """Large half-precision leaves scaled by one coefficient go by every code's exact
+    result: in float32 with a factor checked on all 65,536 codes, by lookup for the blocks
+    that hold codes the factor misses (near float64 ties; bfloat16 results that are
+    subnormal, where the float32 product rounds twice; zero factors). Either way the same
+    bits, NaN payloads included, as rounding each product, for every code, in contiguous
+    and strided leaves, with coefficients that make ties, subnormals and zeros."""
     codes = ALL_16_BIT_PATTERNS.view(half_dtype)
     tiled = np.tile(codes, _cpu.LOOKUP_MIN // codes.size + 1)
 
@@ -240,14 +329,52 @@ def test_scaling_half_precision_by_lookup_equals_scaling_each_element(half_dtype
         gc.clip_grads_with_norm_(leaves, 1.0, total, eps=0.0)
         return leaves
 
-    looked_up = []
-    look_up_table = kernels.look_up_table
-    monkeypatch.setattr(kernels, "look_up_table", lambda *args: looked_up.append(look_up_table(*args)))
-    by_table = scaled()
-    assert len(looked_up) == 1
+    factors = []
+    scale_codes_table = kernels.scale_codes_table
+    monkeypatch.setattr(kernels, "scale_codes_table", lambda *args: factors.append(args[2:]) or scale_codes_table(*args))
+    by_codes = scaled()
+    assert len(factors) == 1
+    factor, below = factors[0]
+    if not kernels.scales_in_float32(_table.witness(half_dtype)):
+        codes_in_float32 = "none"
+    assert math.isnan(factor) == (codes_in_float32 == "none")
+    assert (below == 1) == (codes_in_float32 == "all")
     monkeypatch.setattr(_cpu, "LOOKUP_MIN", math.inf)
     by_element = scaled()
-    assert len(looked_up) == 1
-    for a, b in zip(by_table, by_element):
+    assert len(factors) == 1
+    for a, b in zip(by_codes, by_element):
         assert_same_bits(a, b, nan_payload=True)
-    assert not np.array_equal(by_table[0].view(np.uint16), tiled.view(np.uint16))  # it did scale
+    assert not np.array_equal(by_codes[0].view(np.uint16), tiled.view(np.uint16))  # it did scale
+
+
+@HALF_DTYPES
+def test_a_float32_factor_is_used_only_where_it_gives_every_code_its_exact_result(half_dtype):
+    """Where the nearest float32 to the coefficient misses a code's exact result, of it
+    and its neighbours the one is taken whose missed codes are the smallest in magnitude,
+    and ``below`` bounds them tightly: every code of magnitude 0 or from ``below`` on gets
+    its exact result, and one of magnitude ``below - 1`` does not."""
+    codes = ALL_16_BIT_PATTERNS.view(_kernel_dtype(half_dtype))
+    if not kernels.scales_in_float32(_table.witness(half_dtype)):
+        assert not kernels._f16c() and half_dtype == np.float16
+        return
+    magnitude = ALL_16_BIT_PATTERNS.astype(np.int64) & 0x7FFF
+
+    def missed_below(factor):  # 1 + the largest magnitude of a code ``factor`` misses (1: none)
+        got = codes.copy()
+        kernels.scale32_cpu_(got, factor)
+        return int(magnitude[got != exact].max(initial=0)) + 1, got
+
+    cases = {"float16": [0.3, 0.578, 0.551], "bfloat16": [0.17857187817437192, 0.545, 0.5 * (1 - 1e-9)]}
+    for coef in cases[half_dtype.name]:
+        exact = kernels.scaled_codes(codes, coef)
+        nearest = np.float32(coef)
+        assert missed_below(nearest)[0] > 1, coef  # the check is needed
+        factor, below = kernels.float32_factor(codes, exact, coef, _cpu.FACTOR_TRIES)
+        assert abs(factor - coef) <= 3 * np.spacing(nearest), coef
+        assert missed_below(factor)[0] == below, coef
+        got = missed_below(factor)[1]
+        kept = (magnitude == 0) | (magnitude >= below)
+        assert np.array_equal(got[kept], exact[kept]), coef
+        up, down = np.nextafter(nearest, np.float32(np.inf)), np.nextafter(nearest, np.float32(-np.inf))
+        neighbours = [nearest, up, down, np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))]
+        assert below == min(missed_below(f)[0] for f in neighbours), coef

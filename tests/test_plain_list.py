@@ -132,7 +132,8 @@ def test_declines_what_is_not_a_plain_list(rng):
     declined((a, b))  # not a list
     declined([a, a])  # the same array twice: counted once by the general path
     declined([a, b.astype(np.float64)])  # two dtypes
-    declined([a, np.ones((4, 6), np.float32)[:, ::2]])  # not contiguous
+    declined([a, np.lib.stride_tricks.as_strided(b, (2, 6), (0, 4))])  # repeats its elements
+    declined([a, np.ndarray((2,), np.float32, np.arange(8.0, dtype=np.float32), strides=(6,))])  # misaligned
     declined([a, b.view(Subclass)])
     declined([a, [1.0, 2.0]])  # not an array
     declined([a, np.ones(7, np.int64)])  # a dtype never accepted
@@ -143,6 +144,81 @@ def test_declines_what_is_not_a_plain_list(rng):
     declined([a, read_only])
     with raises_with(ValueError, "read-only"):
         gc.clip_grad_norm_([a, read_only], 0.0)
+
+
+STRIDED_VIEWS = [
+    lambda x: x[::2],  # every second row
+    lambda x: x.T[1:, ::-3],  # transposed, reversed, stepped
+    lambda x: x[:, 1::2],  # every second column
+    lambda x: x.reshape(-1, 2, x.shape[1] // 2)[::3, :, ::-1],  # three axes
+    lambda x: x,  # contiguous
+]
+
+
+def strided_leaves(dtype, side, n, values):
+    """``n`` views holding ``values``, each into its own ``side`` x ``side`` base, of every
+    kind above in turn."""
+    views = [STRIDED_VIEWS[i % len(STRIDED_VIEWS)](np.zeros((side, side), dtype)) for i in range(n)]
+    for view, x in zip(views, values):
+        view[...] = x
+    return views
+
+
+@pytest.mark.parametrize(
+    "dtype, side, n",
+    [pytest.param(dtype, side, n, id=f"{dtype_id(dtype)}-{name}") for dtype in DTYPES for name, side, n in
+     [("small", 8, 30), ("large", 64, 60)]],
+)  # fmt: skip
+def test_strided_leaves_take_one_call(dtype, side, n, rng, monkeypatch):
+    """Views with any steps take the one-call paths: the references' results, and the bits
+    of the general path, which walks each leaf in Python."""
+    shapes = [STRIDED_VIEWS[i % len(STRIDED_VIEWS)](np.empty((side, side))).shape for i in range(n)]
+    before = [random_values(shape, dtype, rng) for shape in shapes]
+    leaves = strided_leaves(dtype, side, n, before)
+    assert not leaves[0].flags.c_contiguous
+    assert (side == 64) == (sum(x.size for x in leaves) >= kernels.PARALLEL_MIN)
+    max_norm = 0.5 * ref_norm(before)
+    read = one_call(leaves, writes=False)
+    total = one_call(leaves, writes=True, max_norm=max_norm)
+    assert total is not None, "the one-call path declined strided leaves"
+    assert read == total
+    assert_norm_close(total, ref_norm(before))
+    assert_same_leaves(leaves, ref_clip_by_norm(before, max_norm, total), "clipped")
+
+    general = strided_leaves(dtype, side, n, before)
+    with monkeypatch.context() as patched:
+        patched.setattr(_batch, "_collect_plain", lambda *args: None)
+        assert gc.clip_grad_norm_(tuple(general), max_norm) == total  # bit for bit
+    assert_same_leaves(leaves, general, "one-call vs general")
+
+    poked = copies(before)
+    poked[1].flat[0], poked[-2].flat[-1] = np.nan, np.inf
+    expected = [zeroed_parts(x) for x in poked]
+    poked = strided_leaves(dtype, side, n, poked)
+    assert _cpu.plain_list_count_nonfinite(poked, _batch.plain_list(poked, writes=False)) == 2
+    assert _cpu.plain_list_zero_nonfinite_(poked, _batch.plain_list(poked, writes=True)) == 2
+    assert_same_leaves(poked, expected, "zeroed")
+    if not is_complex(dtype):
+        clamped = strided_leaves(dtype, side, n, before)
+        assert _cpu.plain_list_clamp_(clamped, _batch.plain_list(clamped, writes=True, real_only=True), 0.7)
+        assert_same_leaves(clamped, [ref_clamp(x, 0.7) for x in before], "clamped")
+
+
+def test_strided_views_of_one_array_are_left_to_the_general_path_when_written(rng):
+    """Views into one array whose byte ranges meet may share elements: a call that writes
+    declines them, and the general path decides exactly (interleaved columns share none;
+    every second and every fourth row do)."""
+    x = random_values((8, 6), np.float32, rng)
+    columns = [x[:, ::2], x[:, 1::2]]
+    assert one_call(columns, writes=False) is not None
+    declined(columns)
+    before = copies(columns)
+    total = gc.clip_grad_norm_(columns, 1.0)
+    assert_same_leaves(columns, ref_clip_by_norm(before, 1.0, total), "clipped")
+    rows = [x[::2], x[::4]]
+    declined(rows)
+    with raises_with(ValueError, "share memory"):
+        gc.clip_grad_norm_(rows, 1.0)
 
 
 @pytest.mark.parametrize("dtype", WIDE, ids=dtype_id)
