@@ -49,7 +49,7 @@ PAIRS_PER_BLOCK = (1, 4)
 GROUP = 512
 """Pairs of draws made per window (a multiple of every ``PAIRS_PER_BLOCK``)."""
 
-STAGE = 2 * GROUP
+WINDOW = 2 * GROUP
 """Draws per window: the words, lanes and draws of one take 25 KiB (of a 32 KiB L1), and
 the noise goes from there straight into its leaf or sum. Half as large, the calls per
 window cost 1% (Philox) to 3% (ChaCha20) of the noise's time."""
@@ -96,7 +96,7 @@ def philox4x32_10(counter, key):
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
 def _philox_words(w0, w1, first_block, key):
-    """Pair ``j`` of the stage: ``(W_0, W_1)`` of block ``first_block + j``."""
+    """Pair ``j``: ``(W_0, W_1)`` of block ``first_block + j``."""
     k0, k1 = _U64(key[0]), _U64(key[1])
     for j in range(w0.size):
         b = _U64(first_block + j)
@@ -189,8 +189,8 @@ def _chacha_lanes(x, nblocks, first_block, key):
 
     Each block is a lane: stored word by word across blocks, the loop runs eight blocks
     at once in 32-bit vector lanes, 3.3 ns a draw (one block at a time, whose four
-    quarter rounds filled only 128-bit lanes: 5.3). The key's words are read before the loop: read
-    inside it, they might alias ``x``, and the loop was not vectorised."""
+    quarter rounds filled only 128-bit lanes: 5.3). The key's words are read before the
+    loop: read inside it, they might alias ``x``, and the loop was not vectorised."""
     s = _chacha_state(key, 0, 0)
     for j in range(nblocks):
         b = _U64(first_block + j)
@@ -211,8 +211,8 @@ def _w(lo, hi):
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
 def _chacha_words(w0, w1, first_block, key, x):
-    """Pairs ``4j .. 4j + 3`` of the stage: ``(W_0, W_1) .. (W_6, W_7)`` of block
-    ``first_block + j``, through the lanes ``x`` (16 rows of at least ``w0.size / 4``)."""
+    """Pairs ``4j .. 4j + 3``: ``(W_0, W_1) .. (W_6, W_7)`` of block ``first_block + j``,
+    through the lanes ``x`` (16 rows of at least ``w0.size / 4``)."""
     nblocks = w0.size // 4
     _chacha_lanes(x, nblocks, first_block, key)
     for j in range(nblocks):
@@ -301,7 +301,7 @@ def sincos_turns(t):
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
 def _box_muller(w0, w1, out):
-    """Draws ``2j`` and ``2j + 1`` of the stage from the words of pair ``j``."""
+    """Draws ``2j`` and ``2j + 1`` from the words of pair ``j``."""
     for j in range(w0.size):
         u = 2.0 - _f64_from_bits((w0[j] >> _SHIFT) | _ONE_BITS)  # 1 - k 2**-52: (0, 1]
         t = _f64_from_bits((w1[j] >> _SHIFT) | _ONE_BITS) - 1.0  # k 2**-52: [0, 1)
@@ -336,7 +336,7 @@ def _make(out, first_block, kind, key, scratch):
 
 @njit(cache=True)
 def _draws(first_draw, n, kind, key, scratch):
-    """Draws ``first_draw .. first_draw + n - 1`` (``n <= STAGE + 1``) as a view of the
+    """Draws ``first_draw .. first_draw + n - 1`` (``n <= WINDOW + 1``) as a view of the
     scratch's draws: the blocks that hold them, and no other."""
     draws_per_block = 2 * PAIRS_PER_BLOCK[kind]
     block = first_draw // draws_per_block
@@ -349,11 +349,11 @@ def _draws(first_draw, n, kind, key, scratch):
 @njit(inline="always")
 def _window(first_draw, done, n, parts):
     """Elements from element ``done`` (of ``n``, ``parts`` draws each, the first at
-    ``first_draw``) up to the stream's next multiple of ``STAGE`` draws: the windows of
+    ``first_draw``) up to the stream's next multiple of ``WINDOW`` draws: the windows of
     a run fall on the same blocks whatever its start. A complex run that starts at an
     odd draw straddles each multiple by one draw."""
-    room = STAGE - (first_draw + done * parts) % STAGE
-    return min(n - done, (room if room >= parts else room + STAGE) // parts)
+    room = WINDOW - (first_draw + done * parts) % WINDOW
+    return min(n - done, (room if room >= parts else room + WINDOW) // parts)
 
 
 @njit(cache=True)
