@@ -467,6 +467,29 @@ def test_add_noise_in_memory_order(dtype, layout, rng):
         assert_same_bits(leaf.base[outside], leaf.before[outside])
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["philox", "chacha20"])
+def test_add_noise_across_windows_from_odd_draws(secure, rng):
+    # Draws are made in windows at multiples of 1,024 in the stream: these leaves start
+    # mid-window, a complex one at an odd draw (its elements straddle the windows'
+    # edges), a stepped one, and each spans several windows.
+    leaves = [
+        rng.standard_normal(1023).astype(np.float32),
+        (rng.standard_normal(2600) + 1j * rng.standard_normal(2600)).astype(np.complex64),
+        (rng.standard_normal(3000) + 1j * rng.standard_normal(3000))[::2],
+        rng.standard_normal((50, 61)),
+    ]
+    before = [leaf.copy() for leaf in leaves]
+    noise, stream = (gc.GaussianNoise(secure=secure, seed=None if secure else 33) for _ in range(2))
+    stream._key = noise._key.copy()  # the same secure key, to compare the streams
+    noise.standard_normal(5)
+    gc.add_noise_(leaves, 0.25, noise)  # std z exact: x + std z is rounded once, fused or not
+    sizes = [leaf.size * (1 + is_complex(leaf.dtype)) for leaf in leaves]
+    stream.standard_normal(5)
+    for leaf, old, z in zip(leaves, before, _noise_for(leaves, stream.standard_normal(sum(sizes)), 0.25)):
+        exact = old.astype(np.complex128 if is_complex(leaf.dtype) else np.float64) + z
+        assert_rounded_once(leaf, exact, np.abs(exact), 0, what="add_noise_")
+
+
 def test_add_noise_once_per_array_and_nothing_for_zero_std(rng):
     g = rng.standard_normal(6)
     noise = gc.GaussianNoise(seed=2)
