@@ -336,7 +336,9 @@ class _Launcher:
         """The compiled ``kernel`` for these arguments' types, and the arguments as Numba
         passes them to the driver."""
         compiled = _compiled(kernel, tuple([b.dtype for b in arrays]), types)
-        args = [value for b in arrays for value in b.abi()]
+        args = []
+        for b in arrays:
+            args += b.abi()
         args += [_C_TYPES[t](v) for v, t in zip(values, types)]
         return compiled, args
 
