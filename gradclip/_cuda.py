@@ -673,11 +673,11 @@ class Plan:
     # ---------------------------------------------------------------- results
 
     def new(self, shape, dtype=_FLOAT64):
-        """``(buffer, array)``: a new array of ``shape`` (an int: 1-d; ``()``: 0-d) and
+        """``(buffer, array)``: a new array of ``shape`` (an integer: 1-d; ``()``: 0-d) and
         ``dtype`` on the plan's device, of the call's kind; the buffer spans it."""
         dtype = np.dtype(dtype)
         if not simulated():
-            n = shape if isinstance(shape, int) else math.prod(shape)
+            n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
             if self.kind == "torch":
                 torch = sys.modules["torch"]
                 array = torch.empty(shape, dtype=_TORCH_OF[dtype.name](torch), device=torch.device("cuda", self.device))
