@@ -593,16 +593,16 @@ def _start_pool():
 
 
 @njit(cache=True)
-def _chunks(count):
-    """Row and first element of every chunk, chunks in row order."""
+def _chunks(count, size=CHUNK):
+    """Row and first element of every chunk of at most ``size`` elements, in row order."""
     n = 0
     for r in range(count.size):
-        n += (count[r] + CHUNK - 1) // CHUNK
+        n += (count[r] + size - 1) // size
     row = np.empty(n, np.int64)
     lo = np.empty(n, np.int64)
     k = 0
     for r in range(count.size):
-        for start in range(0, count[r], CHUNK):
+        for start in range(0, count[r], size):
             row[k] = r
             lo[k] = start
             k += 1

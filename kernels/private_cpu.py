@@ -40,7 +40,19 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .cpu import FAST, PARALLEL_MIN, _f64_bits, _f64_from_bits, _narrow, _times, _voidptr, _widen, fold_norms, sumsq_cpu
+from .cpu import (
+    FAST,
+    PARALLEL_MIN,
+    _chunks,
+    _f64_bits,
+    _f64_from_bits,
+    _narrow,
+    _times,
+    _voidptr,
+    _widen,
+    fold_norms,
+    sumsq_cpu,
+)
 
 PHILOX, CHACHA = range(2)
 PAIRS_PER_BLOCK = (1, 4)
@@ -505,23 +517,6 @@ def _parallel(driver, *args):
     """
     with numba.parallel_chunksize(1):
         return driver(*args)
-
-
-@njit(cache=True)
-def _chunks(count, size):
-    """Row and first element of every chunk of at most ``size`` elements, in row order."""
-    n = 0
-    for r in range(count.size):
-        n += (count[r] + size - 1) // size
-    row = np.empty(n, np.int64)
-    lo = np.empty(n, np.int64)
-    k = 0
-    for r in range(count.size):
-        for start in range(0, count[r], size):
-            row[k] = r
-            lo[k] = start
-            k += 1
-    return row, lo
 
 
 @njit(inline="always")
