@@ -650,11 +650,11 @@ class Plan:
             self.run("sumpow_cuda", a=p)
             self.finish(kernels.FOLD_SCALED, p, final | every, out)
 
-    def count(self, name, out):
-        """Launch a counting kernel (``nonfinite_cuda``, ``zero_nonfinite_cuda_``); the
-        count (float64) in ``out[0]``."""
+    def count(self, name, out, data=None, table=None):
+        """Launch a counting kernel (``nonfinite_cuda``, ``zero_nonfinite_cuda_``; on
+        ``data`` and ``table`` as `run` takes them); the count (float64) in ``out[0]``."""
         kernels = _kernels()
-        self.run(name, c=float(kernels.BY_COEF))
+        self.run(name, c=float(kernels.BY_COEF), data=data, table=table)
         self.finish(kernels.FOLD_COUNT, 2.0, 0, out)
 
     def upload_coefs(self, coefs):
@@ -1117,11 +1117,10 @@ def zero_nonfinite_(batch):
 
 
 def _count(batch, name):
-    kernels = _kernels()
-    with batch.cuda as plan:
+    gpu = batch.cuda
+    with gpu as plan:
         buffer, out = plan.new(())
-        batch.cuda.run(name, c=float(kernels.BY_COEF))
-        plan.finish(kernels.FOLD_COUNT, 2.0, 0, buffer)
+        plan.count(name, buffer, gpu.data, gpu.table)
     return out
 
 
@@ -1259,12 +1258,10 @@ class Accumulation:
 
     def finite(self, batch, leaves):
         """Whether every element of the micro-batch is finite (synchronises)."""
-        kernels = _kernels()
         plan = self._plan_for(leaves)
         buffer, out = self.count
         with plan.lock:
-            plan.run("nonfinite_cuda", c=float(kernels.BY_COEF))
-            plan.finish(kernels.FOLD_COUNT, 2.0, 0, buffer)
+            plan.count("nonfinite_cuda", buffer)
         return to_host(out) == 0
 
     def add(self, batch, leaves, first):
