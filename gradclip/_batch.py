@@ -208,14 +208,19 @@ def _collect_plain_or_torch(leaves, treedef, writes, real_only):
 
 
 def _collect_torch(leaves, treedef, writes, real_only):
-    """`_collect_plain` for distinct, contiguous CPU torch tensors of supported dtypes
-    (not requiring grad, if ``writes``): the tables come from the addresses and sizes
+    """`_collect_plain` for distinct CPU torch tensors of supported dtypes (not requiring
+    grad, if ``writes``). Contiguous ones: the tables come from the addresses and sizes
     torch reports, and ``Batch.arrays`` makes each tensor's NumPy view only if it is
-    asked for."""
+    asked for. Otherwise their NumPy views go through `_collect_plain`."""
     headers = _dispatch.torch_cpu_headers(leaves, writes)
     if headers is None:
         return None
-    data, size, itemsize, dtypes, code, views = headers
+    data, size, itemsize, dtypes, code, views, contiguous = headers
+    if not contiguous:
+        batch = _collect_plain(list(views), treedef, writes, real_only)
+        if batch is not None:
+            batch.originals = list(leaves)
+        return batch
     if writes and not _overlap.disjoint(data, data + size * itemsize):
         return None  # tensors that share memory: the general path names them
     tables = []

@@ -100,15 +100,17 @@ def as_cpu_array(leaf, where):
 
 
 def torch_cpu_headers(leaves, writes):
-    """``(data, size, itemsize, dtypes, code, views)`` of ``leaves`` if they are all
-    distinct, contiguous CPU torch tensors of supported dtypes (none requiring grad, if
-    ``writes``), else None.
+    """``(data, size, itemsize, dtypes, code, views, contiguous)`` of ``leaves`` if they
+    are all distinct CPU torch tensors with strided memory, of supported dtypes (none
+    requiring grad, if ``writes``), else None.
 
     The bulk path for the common PyTorch call (a model's gradients): addresses and
     sizes are read from torch (a few hundred nanoseconds a tensor), ``dtypes[code[i]]``
     is leaf ``i``'s NumPy dtype, and ``views`` makes each NumPy view only when asked
-    for (``tensor.numpy()`` costs microseconds). None means "not that case": the
-    general path (`as_cpu_array`, leaf by leaf) then decides, and names errors.
+    for (``tensor.numpy()`` costs microseconds). ``data`` and ``size`` describe the
+    tensors' memory only if ``contiguous`` (all are); otherwise the caller walks the
+    views. None means "not that case": the general path (`as_cpu_array`, leaf by
+    leaf) then decides, and names errors.
     """
     torch = sys.modules.get("torch")
     if torch is None or not leaves:
@@ -119,10 +121,12 @@ def torch_cpu_headers(leaves, writes):
     tensor_type = torch.Tensor
     data, size, code = [], [], []
     codes = {}
+    contiguous = True
     try:
         for leaf in leaves:
-            if not (isinstance(leaf, tensor_type) and leaf.is_cpu and leaf.is_contiguous()):
+            if not (isinstance(leaf, tensor_type) and leaf.is_cpu):
                 return None
+            contiguous = leaf.is_contiguous() and contiguous  # raises for a sparse tensor
             if writes and leaf.requires_grad:
                 return None
             dtype = leaf.dtype
@@ -145,7 +149,7 @@ def torch_cpu_headers(leaves, writes):
     itemsize = np.array([d.itemsize for d in dtypes])[code]
     if np.any(data % itemsize):  # e.g. torch.frombuffer at an odd offset
         return None
-    return data, size, itemsize, dtypes, code, TensorViews(leaves)
+    return data, size, itemsize, dtypes, code, TensorViews(leaves), contiguous
 
 
 class TensorViews(Sequence):

@@ -17,7 +17,7 @@ import torch
 
 import gradclip as gc
 import gradclip.torch as gct
-from gradclip import _dispatch
+from gradclip import _dispatch, _table
 from helpers import assert_norm_close, assert_same_bits, raises_with, tree_leaves
 from reference import BFLOAT16, ref_clamp, ref_clip_by_norm, ref_coef, ref_norm, ref_scale
 
@@ -198,6 +198,40 @@ def test_many_tensors_in_one_list(gen):
     tensors[9] = tensors[9].conj()  # complex64
     with raises_with(TypeError, "grads[9]", "conjugate"):
         gc.grad_norm(tensors)
+
+
+def test_strided_tensors_are_walked_in_one_call(gen, monkeypatch):
+    """Lists holding non-contiguous tensors: their NumPy views take the one-call tables
+    (no Python walk of each leaf), with the references' bits; views that share memory are
+    still named."""
+    layouts = [name for name in LAYOUTS if name not in ("0-d", "empty")]
+    bases, views = [], []
+    for i in range(40):
+        base, view = _base_and_view(layouts[i % len(layouts)], TORCH_DTYPES[i % 4], gen)
+        bases.append(base)
+        views.append(view)
+    assert not all(v.is_contiguous() for v in views)
+    before = [to_numpy(v) for v in views]
+    for dtype in TORCH_DTYPES[:4]:  # every dtype accepted once, as the one-call paths ask
+        gc.grad_norm([torch.ones(1, dtype=dtype)])
+    max_norm = 0.5 * ref_norm(before)
+
+    def no_python_walk(*args):
+        raise AssertionError("a leaf was walked in Python")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_table, "build", no_python_walk)
+        assert_norm_close(gc.grad_norm(views), ref_norm(before))
+        total = gc.clip_grad_norm_(views, max_norm)
+    assert_norm_close(total, ref_norm(before))
+    for got, want in zip(views, ref_clip_by_norm(before, max_norm, total)):
+        assert_same_bits(to_numpy(got), want)
+
+    base = random_tensor((8, 6), torch.float32, gen)
+    kept = to_numpy(base)
+    with raises_with(ValueError, "grads[0]", "grads[1]", "share memory"):
+        gc.clip_grad_norm_([base[::2], base[::4]], 0.1)
+    assert_same_bits(to_numpy(base), kept, what="untouched base")
 
 
 def test_repeated_tensor_comes_back_as_one_tensor(gen):
