@@ -86,18 +86,18 @@ def measure_cold_start(runs, compile_runs):
         seconds = functools.partial(_seconds_in_fresh_interpreter, bytecode_dir=bytecode)
         for code in (NUMBA_FIRST_CALL_TIME, FIRST_CALL_TIME):
             seconds(code)  # fill the bytecode cache and Numba's on-disk cache
-        imports = [seconds(IMPORT_TIME) for _ in range(runs)]
-        numba_imports = [seconds(NUMBA_IMPORT_TIME) for _ in range(runs)]
-        numba_first_calls = [seconds(NUMBA_FIRST_CALL_TIME) for _ in range(runs)]
-        warm = [seconds(FIRST_CALL_TIME) for _ in range(runs)]
+        warm_codes = {
+            "import": IMPORT_TIME,
+            "numba_import": NUMBA_IMPORT_TIME,
+            "numba_first_call": NUMBA_FIRST_CALL_TIME,
+            "first_call_warm_cache": FIRST_CALL_TIME,
+        }
+        samples = {name: [] for name in warm_codes}
+        for _ in range(runs):  # interleaved: a slow spell of the machine falls on all alike
+            for name, code in warm_codes.items():
+                samples[name].append(seconds(code))
         cold = []
         for _ in range(compile_runs):
             with tempfile.TemporaryDirectory(prefix="gradclip-bench-numba-") as cache_dir:
                 cold.append(seconds(FIRST_CALL_TIME, cache_dir=cache_dir))
-    return {
-        "import": _figure(imports),
-        "first_call_warm_cache": _figure(warm),
-        "first_call_cold_cache": _figure(cold),
-        "numba_import": _figure(numba_imports),
-        "numba_first_call": _figure(numba_first_calls),
-    }
+    return {name: _figure(times) for name, times in samples.items()} | {"first_call_cold_cache": _figure(cold)}
