@@ -480,7 +480,7 @@ def main(argv=None):
     if not args.no_cold_start:
         progress("cold start: fresh interpreters")
         try:
-            cold_start = measure_cold_start(runs=2 if args.quick else 5, compile_runs=1 if args.quick else 3)
+            cold_start = measure_cold_start(runs=2 if args.quick else 9, compile_runs=1 if args.quick else 3)
         except RuntimeError as error:  # keep the figures measured so far
             cold_start_failure = f"Cold start not measured: {error}"
             progress(cold_start_failure)
