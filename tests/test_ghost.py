@@ -174,6 +174,20 @@ def test_dense_deterministic_for_any_thread_count(rng, gram):
     assert one.tobytes() == many.tobytes() == route(a, g, True, gram).tobytes()
 
 
+@pytest.mark.parametrize("B, m, threads", [(32, 4, 2), (1, 4, 2), (5, 3, 2), (7, 5, 4), (3, 2, 8)])
+def test_gram_items_are_dealt_by_cost(B, m, threads):
+    """Every Gram-route item has one worker, and no worker's tiles exceed another's by more
+    than the largest item (row block tb makes m - tb tiles, the first a triangle)."""
+    owner = ghost_cpu._gram_owners(B, m, threads)
+    cost = np.tile(m - np.arange(m) - 0.5, B)
+    assert owner.shape == (B * m,) and set(owner.tolist()) <= set(range(threads))
+    load = np.bincount(owner, weights=cost, minlength=threads)
+    assert load.sum() == cost.sum()
+    assert load.max() - load.min() <= cost.max()
+    if (B, m, threads) in ((32, 4, 2), (1, 4, 2)):  # round-robin gave 5 : 3
+        assert load[0] == load[1]
+
+
 def test_dense_any_framework(rng):
     a, g = dense_inputs(rng, (3, 10, 6, 4))
     tensors = torch.from_numpy(a).requires_grad_(), torch.from_numpy(g)
