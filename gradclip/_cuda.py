@@ -498,7 +498,7 @@ def _rows_layout(sizes, dtypes, walks, positions, device):
         rows[group_rows, kernels.DENSE] = np.cumsum(sizes[group_rows]) - sizes[group_rows]
         chunks = _chunks(kernels, np.arange(group_rows.start, group_rows.stop), sizes[group_rows], nchunks[group_rows])
         chunk_tables.append(chunks)
-        grid = max(1, min(len(chunks), _multiprocessors(device) * kernels.BLOCKS_PER_SM))
+        grid = grid_size(device, len(chunks))
         data = _Buffer(low, int((starts + extents).max()), _kernel_dtype(dtype))
         plan_groups.append(_Group(index, dtype, kernels.kernels_for(dtype), data, grid, group_rows))
         first_row = group_rows.stop
@@ -798,6 +798,12 @@ def _chunks(kernels, row_ids, sizes, nchunks):
     chunks[:, kernels.CHUNK_COUNT] = np.minimum(kernels.CHUNK, np.repeat(sizes, nchunks) - start)
     chunks[:, kernels.CHUNK_SLOT] = slot
     return chunks
+
+
+def grid_size(device, items):
+    """Blocks of a grid-stride launch over ``items`` (chunks, examples) on ``device``: a few
+    per multiprocessor, at most one per item."""
+    return max(1, min(items, _multiprocessors(device) * _kernels().BLOCKS_PER_SM))
 
 
 @functools.cache

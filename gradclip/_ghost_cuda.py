@@ -58,14 +58,15 @@ def dense_sq_norms(a, g, bias):
         if T == 1:  # ‖a‖²‖g‖²: the batch and feature steps
             a_bd, g_bd = (a_steps[0], a_steps[-1]), (g_steps[0], g_steps[-1])
             plan.launcher.launch(
-                dense.dense_rows_cuda, _grid(plan, B), kernels.THREADS, [a_data, g_data, buffer],
+                dense.dense_rows_cuda, _cuda.grid_size(plan.device, B), kernels.THREADS, [a_data, g_data, buffer],
                 *_i8(B, d_in, d_out, a_off, *a_bd, g_off, *g_bd, int(bias)),
             )
             return out
         m = -(-T // kernels.TILE)
         partial, _ = plan.new(2 * B * m)
         plan.launcher.launch(
-            dense.dense_gram_cuda, _grid(plan, B * m), kernels.TILE * kernels.TILE, [a_data, g_data, partial],
+            dense.dense_gram_cuda, _cuda.grid_size(plan.device, B * m), kernels.TILE * kernels.TILE,
+            [a_data, g_data, partial],
             *_i8(B, T, m, d_in, d_out, a_off, *a_steps, g_off, *g_steps),
         )
         _fold(plan, partial, buffer, B, m, 2 if bias else 1)
@@ -86,7 +87,8 @@ def embedding_sq_norms(idx, g):
         buffer, out = plan.new(B)
         partial, _ = plan.new(B * T)
         plan.launcher.launch(
-            kernels.embedding_for(g.dtype), _grid(plan, B * T), kernels.THREADS, [x_data, g_data, partial],
+            kernels.embedding_for(g.dtype), _cuda.grid_size(plan.device, B * T), kernels.THREADS,
+            [x_data, g_data, partial],
             *_i8(B, T, d, x_off, *x_steps, g_off, *g_steps),
         )
         _fold(plan, partial, buffer, B, T, 1)
@@ -103,7 +105,9 @@ def sq_norms_from_per_example(leaves):
     if cells.n:
         with cells.gpu.part as plan:
             data = _cuda._Buffer(_cuda.describe(norms, None).ptr, cells.n, np.float64, norms)
-            plan.launcher.launch(kernels.square_cuda_, _grid(plan, cells.n), kernels.THREADS, [data], *_i8(cells.n))
+            plan.launcher.launch(
+                kernels.square_cuda_, _cuda.grid_size(plan.device, cells.n), kernels.THREADS, [data], *_i8(cells.n)
+            )
     return norms
 
 
@@ -118,7 +122,7 @@ def clip_factors(sq, max_norm, eps):
         buffer, out = plan.new(n)
         if n:
             plan.launcher.launch(
-                kernels.clip_factors_for(sq.dtype), _grid(plan, n), kernels.THREADS, [data, buffer],
+                kernels.clip_factors_for(sq.dtype), _cuda.grid_size(plan.device, n), kernels.THREADS, [data, buffer],
                 (n, off, step, max_norm, eps), ("i8", "i8", "i8", "f8", "f8"),
             )
     return out
@@ -150,11 +154,6 @@ def _fold(plan, partial, out, B, m, parts):
     """``out[i]``: example ``i``'s ``m`` partials (of each of ``parts`` columns) added in order."""
     kernels = _kernels()
     plan.launcher.launch(kernels.fold_cuda, -(-B // kernels.THREADS), kernels.THREADS, [partial, out], *_i8(B, m, parts))
-
-
-def _grid(plan, items):
-    """Blocks of a grid-stride launch over ``items``: a few per multiprocessor, at most one per item."""
-    return max(1, min(items, _cuda._multiprocessors(plan.device) * _cuda._kernels().BLOCKS_PER_SM))
 
 
 def _i8(*values):

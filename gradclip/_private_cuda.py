@@ -226,7 +226,7 @@ def weighted_sum(cells, clipping, std, divisor, noise, first_draw):
         pieces = -(-passes.CHUNK // passes.THREADS_PER_BLOCK)
         for g in plan.groups:
             chunks = sum(-(-size // passes.CHUNK) for size, d in zip(gpu.sizes, cells.dtypes) if d == g.dtype)
-            grid = max(1, min(chunks * pieces, _cuda._multiprocessors(plan.device) * passes.BLOCKS_PER_SM))
+            grid = _cuda.grid_size(plan.device, chunks * pieces)
             plan.launch(
                 kernels.private_kernels_for(g.dtype).weighted_sum_cuda, grid, passes.THREADS_PER_BLOCK,
                 [g.data, made[g.dtype][0], draws],
