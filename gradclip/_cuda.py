@@ -869,9 +869,14 @@ class _PlanCache:
         self._plans = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(ids, stream):
+        """A plan's place in the cache: its stream, and its leaves' count and first id."""
+        return (stream, ids.size, int(ids[0])) if ids.size else None
+
     def find(self, leaves, stream):
         ids = cpu_kernels.object_ids(leaves)
-        key = (stream, ids.size, int(ids[0])) if ids.size else None
+        key = self._key(ids, stream)
         with self._lock:
             plan = self._plans.get(key)
             if plan is None or not plan.alive or plan.ids != ids.tobytes():
@@ -896,7 +901,7 @@ class _PlanCache:
         if tensors:
             plan.pointers = (None if len(tensors) == len(leaves) else tensors, _data_pointers(leaves, tensors))
         with self._lock:
-            self._plans[(stream, ids.size, int(ids[0]))] = plan
+            self._plans[self._key(ids, stream)] = plan
             while len(self._plans) > _PLANS_KEPT:
                 self._plans.popitem(last=False)
 
