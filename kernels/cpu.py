@@ -206,7 +206,13 @@ def _f64_to_f16_f16c(y):
     Rounded to odd at 13 significant bits, ``y`` is exactly a float32 from 2**-126 on;
     below that float16 rounds to zero either way.
     """
-    f = np.float32(_round_to_odd(y, 12))
+    return _f32_to_f16_rounded(np.float32(_round_to_odd(y, 12)))
+
+
+@njit
+def _f32_to_f16_rounded(f):
+    """float32 -> float16 bits by F16C, rounded to nearest-even; a NaN -> the quiet NaN
+    of its sign, as `_f64_to_f16` gives it."""
     nan = np.uint16(np.uint16(np.uint16(_f32_bits(f) >> np.uint32(16)) & np.uint16(0x8000)) | np.uint16(0x7E00))
     return nan if f != f else _f32_to_f16(f)
 
@@ -1387,13 +1393,7 @@ def _scaled32_impl(x, factor):
     if x == types.int16:
         return lambda x, factor: np.int16(np.uint16(_f32_to_bf16(_bf16_to_f32(x) * factor)))
     if x == types.uint16 and _f16c():
-
-        def impl(x, factor):
-            p = _f16_to_f32(x) * factor
-            nan = np.uint16(np.uint16(np.uint16(_f32_bits(p) >> np.uint32(16)) & np.uint16(0x8000)) | np.uint16(0x7E00))
-            return nan if p != p else _f32_to_f16(p)
-
-        return impl
+        return lambda x, factor: _f32_to_f16_rounded(_f16_to_f32(x) * factor)
     return None
 
 
