@@ -284,6 +284,16 @@ def assert_dense_close(got, a, g, bias, rtol=RTOL, other=None):
     assert np.all(np.abs(got - expected) <= rtol * scale), (got, expected, scale)
 
 
+def dense_inputs(rng, shape, dtype=np.float32, g_dtype=None):
+    """A dense layer's activations and output gradients, standard normal: ``shape`` is
+    ``(B, T, d_in, d_out)``, T None for no sequence axis; ``g_dtype`` defaults to ``dtype``."""
+    B, T, d_in, d_out = shape
+    lead = (B,) if T is None else (B, T)
+    a = rng.standard_normal((*lead, d_in)).astype(dtype)
+    g = rng.standard_normal((*lead, d_out)).astype(g_dtype or dtype)
+    return a, g
+
+
 def assert_zeroed(actual, before, what="leaf"):
     """The result of zero_nonfinite_ on a real leaf: where ``before`` was NaN/inf the
     value is now 0 (SPEC says "0": either sign of zero), every other element keeps its

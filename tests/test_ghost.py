@@ -24,13 +24,13 @@ import gradclip as gc
 import gradclip.torch as gct
 from gradclip import _ghost_cpu
 from gradclip._kernels import ghost_cpu
-from helpers import Frozen, assert_dense_close, raises_with
+from helpers import Frozen, assert_dense_close, dense_inputs, raises_with
 from reference import BFLOAT16, ref_dense_sq_norms, ref_embedding_sq_norms, widen
 
 RTOL = 1e-12
 
-# (B, T, d_in, d_out); T None: no sequence axis. Past BLOCK (48) rows, features or
-# positions the kernels tile; past KC (512) features (Gram) or positions (direct) they chunk.
+# (B, T, d_in, d_out); T None: no sequence axis. Past BLOCK (84) rows, features or
+# positions the kernels tile; past KC (320) features (Gram) or positions (direct) they chunk.
 DENSE_SHAPES = [
     (1, None, 5, 3),
     (7, None, 1, 1),
@@ -45,14 +45,6 @@ DENSE_SHAPES = [
 ]
 dense_shapes = pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 routes = pytest.mark.parametrize("gram", [True, False], ids=["gram", "direct"])
-
-
-def dense_inputs(rng, shape, dtype=np.float32):
-    B, T, d_in, d_out = shape
-    lead = (B,) if T is None else (B, T)
-    a = rng.standard_normal((*lead, d_in)).astype(dtype)
-    g = rng.standard_normal((*lead, d_out)).astype(dtype)
-    return a, g
 
 
 def route(a, g, bias, gram):

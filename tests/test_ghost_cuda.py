@@ -25,6 +25,7 @@ from helpers import (
     OnDevice,
     assert_dense_close,
     assert_same_bits,
+    dense_inputs,
     device_array_type,
     device_view,
     raises_with,
@@ -58,14 +59,6 @@ def _host(x, n=None):
     assert isinstance(x, DeviceArray), f"expected a device array, got {type(x).__name__}"
     assert x.dtype == np.float64 and (n is None or x.shape == (n,)), (x.dtype, x.shape)
     return to_host(x)
-
-
-def dense_inputs(rng, shape, dtype=np.float32, g_dtype=None):
-    B, T, d_in, d_out = shape
-    lead = (B,) if T is None else (B, T)
-    a = rng.standard_normal((*lead, d_in)).astype(dtype)
-    g = rng.standard_normal((*lead, d_out)).astype(g_dtype or dtype)
-    return a, g
 
 
 # --------------------------------------------------------------------------- dense layers
