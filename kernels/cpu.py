@@ -584,9 +584,15 @@ if hasattr(os, "register_at_fork"):  # POSIX; where it is missing, nothing forks
     os.register_at_fork(after_in_child=_note_fork)
 
 
+def parallel_allowed():
+    """Whether this process may run a parallel kernel: not when it was forked from one
+    whose thread pool had started (then every kernel runs serially)."""
+    return not _forked_after_pool
+
+
 def _in_parallel(size):
     """Whether a table of ``size`` elements runs under ``prange`` here."""
-    return size >= PARALLEL_MIN and not _forked_after_pool
+    return size >= PARALLEL_MIN and parallel_allowed()
 
 
 @functools.cache
@@ -1248,7 +1254,7 @@ def _run_plain(serial, parallel, objects, dtype, required, size_limit, *args):
     if not (_header_layout_confirmed() and _list_layout_confirmed()):
         return None
     plain = (id(objects), id(np.ndarray), id(dtype), required)
-    threads = not _forked_after_pool
+    threads = parallel_allowed()
     status, result = serial((*plain, 0, PARALLEL_MIN if threads else size_limit), *args)
     if status == OUT_OF_RANGE and threads:
         _start_pool()  # before ``parallel`` is loaded (see "the thread pool")

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .cpu import FAST, _widen, sumsq_cpu
+from .cpu import FAST, _widen, parallel_allowed, sumsq_cpu
 
 MR = 3
 """Rows and columns of `_dots`' register block; packed operands have a multiple of MR rows."""
@@ -220,10 +220,10 @@ def _gram_owners(B, m, threads):
     return owner
 
 
-@njit(cache=True, parallel=True)
-def _dense_gram(a, g, threads, out):
-    """``out[i] = (weight, bias)`` squared norms by the Gram route; one item per row block,
-    the items dealt to ``threads`` workers by `_gram_owners`, each with its own scratch."""
+@njit(cache=True)
+def _gram_setup(a, g, threads):
+    """The Gram route's row blocks ``m``, each worker's scratch (packed blocks of ``rows``
+    rows, two tiles), the items' partials and their workers (`_gram_owners`)."""
     B = a.shape[0]
     m, rows = _split(a.shape[1], BLOCK)
     xa = np.empty((threads, -(-a.shape[2] // KC), rows, KC))
@@ -231,35 +231,75 @@ def _dense_gram(a, g, threads, out):
     y = np.empty((threads, rows, KC))
     aa = np.empty((threads, rows, rows))
     gg = np.empty((threads, rows, rows))
-    partial = np.empty((B * m, 2))
-    owner = _gram_owners(B, m, threads)
-    for t in prange(threads):
-        for item in range(B * m):
-            if owner[item] == t:
-                w, b = _gram_item(a, g, item // m, item % m, m, xa[t], xg[t], y[t], aa[t], gg[t])
-                partial[item, 0] = w
-                partial[item, 1] = b
-    _fold(partial, m, out)
+    return m, xa, xg, y, aa, gg, np.empty((B * m, 2)), _gram_owners(B, m, threads)
+
+
+@njit(inline="always")
+def _gram_worker(t, a, g, m, xa, xg, y, aa, gg, partial, owner):
+    """Worker ``t``'s items of the Gram route, into ``partial``."""
+    for item in range(owner.size):
+        if owner[item] == t:
+            w, b = _gram_item(a, g, item // m, item % m, m, xa[t], xg[t], y[t], aa[t], gg[t])
+            partial[item, 0] = w
+            partial[item, 1] = b
 
 
 @njit(cache=True, parallel=True)
-def _dense_direct(a, g, threads, out):
-    """``out[i] = (weight, bias)`` squared norms by the direct route; one item per block of
-    output rows, the items (of equal cost) dealt round-robin to ``threads`` workers, each
-    with its own scratch."""
-    B = a.shape[0]
+def _dense_gram_parallel(a, g, threads, out):
+    """``out[i] = (weight, bias)`` squared norms by the Gram route; one item per row block,
+    the items dealt to ``threads`` workers by `_gram_owners`, each with its own scratch."""
+    m, xa, xg, y, aa, gg, partial, owner = _gram_setup(a, g, threads)
+    for t in prange(threads):
+        _gram_worker(t, a, g, m, xa, xg, y, aa, gg, partial, owner)
+    _fold(partial, m, out)
+
+
+@njit(cache=True)
+def _dense_gram_serial(a, g, threads, out):
+    """`_dense_gram_parallel` by one worker (``threads`` is 1)."""
+    m, xa, xg, y, aa, gg, partial, owner = _gram_setup(a, g, threads)
+    _gram_worker(0, a, g, m, xa, xg, y, aa, gg, partial, owner)
+    _fold(partial, m, out)
+
+
+@njit(cache=True)
+def _direct_setup(a, g, threads):
+    """The direct route's blocks of output rows ``m``, each worker's scratch (packed blocks
+    of output and input rows, tiles, the bias column) and the items' partials."""
     m, rows_out = _split(g.shape[2], OUT_BLOCK)
     n_in, rows_in = _split(a.shape[2], BLOCK)
     x = np.empty((threads, rows_out, KC))
     y = np.empty((threads, rows_in, KC))
     tiles = np.empty((threads, n_in, rows_out, rows_in))
     column = np.empty((threads, rows_out))
-    partial = np.empty((B * m, 2))
+    return m, x, y, tiles, column, np.empty((a.shape[0] * m, 2))
+
+
+@njit(inline="always")
+def _direct_worker(t, threads, a, g, m, x, y, tiles, column, partial):
+    """Worker ``t``'s items of the direct route (every ``threads``-th), into ``partial``."""
+    for item in range(t, partial.shape[0], threads):
+        w, b = _direct_item(a, g, item // m, item % m, x[t], y[t], tiles[t], column[t])
+        partial[item, 0] = w
+        partial[item, 1] = b
+
+
+@njit(cache=True, parallel=True)
+def _dense_direct_parallel(a, g, threads, out):
+    """``out[i] = (weight, bias)`` squared norms by the direct route; one item per block of
+    output rows, the items (of equal cost) dealt round-robin to ``threads`` workers, each
+    with its own scratch."""
+    m, x, y, tiles, column, partial = _direct_setup(a, g, threads)
     for t in prange(threads):
-        for item in range(t, B * m, threads):
-            w, b = _direct_item(a, g, item // m, item % m, x[t], y[t], tiles[t], column[t])
-            partial[item, 0] = w
-            partial[item, 1] = b
+        _direct_worker(t, threads, a, g, m, x, y, tiles, column, partial)
+    _fold(partial, m, out)
+
+
+@njit(cache=True)
+def _dense_direct_serial(a, g, threads, out):
+    """`_dense_direct_parallel` by one worker (``threads`` is 1)."""
+    m, x, y, tiles, column, partial = _direct_setup(a, g, threads)
+    _direct_worker(0, threads, a, g, m, x, y, tiles, column, partial)
     _fold(partial, m, out)
 
 
@@ -284,27 +324,40 @@ def _row_sumsq(src, i, t):
     return s
 
 
-@njit(cache=True, parallel=True)
-def _dense_rows(a, g, out):
+@njit(inline="always")
+def _dense_row(a, g, i, out):
     """``out[i] = (‖a_i‖²‖g_i‖², ‖g_i‖²)`` for T = 1: the outer product's squared norm."""
+    gg = _row_sumsq(g, i, 0)
+    out[i, 0] = _row_sumsq(a, i, 0) * gg
+    out[i, 1] = gg
+
+
+@njit(cache=True, parallel=True)
+def _dense_rows_parallel(a, g, out):
     for i in prange(a.shape[0]):
-        gg = _row_sumsq(g, i, 0)
-        out[i, 0] = _row_sumsq(a, i, 0) * gg
-        out[i, 1] = gg
+        _dense_row(a, g, i, out)
+
+
+@njit(cache=True)
+def _dense_rows_serial(a, g, out):
+    for i in range(a.shape[0]):
+        _dense_row(a, g, i, out)
 
 
 def dense_sq_norms(a, g, bias, gram):
     """Squared per-example norms of a dense layer's weight gradient (plus its bias
     gradient's if ``bias``), float64 ``(B,)``, by the Gram route if ``gram`` else the
-    direct route; ``a`` ``(B, T, d_in)``, ``g`` ``(B, T, d_out)``, T, d_in, d_out > 0."""
+    direct route; ``a`` ``(B, T, d_in)``, ``g`` ``(B, T, d_out)``, T, d_in, d_out > 0.
+    Serial in a child forked after Numba's thread pool started (see kernels.cpu)."""
     out = np.empty((a.shape[0], 2))
+    parallel = parallel_allowed()
     if a.shape[0]:
         if a.shape[1] == 1:
-            _dense_rows(a, g, out)
-        elif gram:
-            _dense_gram(a, g, numba.get_num_threads(), out)
+            (_dense_rows_parallel if parallel else _dense_rows_serial)(a, g, out)
+        elif parallel:
+            (_dense_gram_parallel if gram else _dense_direct_parallel)(a, g, numba.get_num_threads(), out)
         else:
-            _dense_direct(a, g, numba.get_num_threads(), out)
+            (_dense_gram_serial if gram else _dense_direct_serial)(a, g, 1, out)
     return out[:, 0] + out[:, 1] if bias else out[:, 0].copy()
 
 
@@ -327,48 +380,68 @@ def _sumsq(v):
     return s
 
 
+@njit(inline="always")
+def _embedding_example(idx, g, i, acc):
+    """``Σ_v ‖Σ_{t: idx[i, t] = v} g[i, t]‖²``: the positions of example ``i`` sorted by
+    index (stably), each run of equal indices summed in float64 (in ``acc``) in position
+    order."""
+    T = g.shape[1]
+    order = np.argsort(idx[i], kind="mergesort")
+    total = 0.0
+    start = 0
+    while start < T:
+        first = order[start]
+        end = start + 1
+        while end < T and idx[i, order[end]] == idx[i, first]:
+            end += 1
+        if end == start + 1:
+            total += _row_sumsq(g, i, first)
+        else:
+            acc[:] = 0.0
+            for r in range(start, end):
+                _add_row(acc, g, i, order[r])
+            total += _sumsq(acc)
+        start = end
+    return total
+
+
 @njit(cache=True, parallel=True)
-def _embedding(idx, g, out):
-    """``out[i] = Σ_v ‖Σ_{t: idx[i, t] = v} g[i, t]‖²``: the positions of one example sorted
-    by index (stably), each run of equal indices summed in float64 in position order."""
-    B, T, d = g.shape
-    for i in prange(B):
-        order = np.argsort(idx[i], kind="mergesort")
-        acc = np.empty(d)
-        total = 0.0
-        start = 0
-        while start < T:
-            first = order[start]
-            end = start + 1
-            while end < T and idx[i, order[end]] == idx[i, first]:
-                end += 1
-            if end == start + 1:
-                total += _row_sumsq(g, i, first)
-            else:
-                acc[:] = 0.0
-                for r in range(start, end):
-                    _add_row(acc, g, i, order[r])
-                total += _sumsq(acc)
-            start = end
-        out[i] = total
+def _embedding_parallel(idx, g, out):
+    for i in prange(g.shape[0]):
+        out[i] = _embedding_example(idx, g, i, np.empty(g.shape[2]))
+
+
+@njit(cache=True)
+def _embedding_serial(idx, g, out):
+    acc = np.empty(g.shape[2])
+    for i in range(g.shape[0]):
+        out[i] = _embedding_example(idx, g, i, acc)
 
 
 def embedding_sq_norms(idx, g):
     """Squared per-example norms of an embedding's weight gradient, float64 ``(B,)``;
-    ``idx`` ``(B, T)`` integers, ``g`` ``(B, T, d)``."""
+    ``idx`` ``(B, T)`` integers, ``g`` ``(B, T, d)``. Serial in a child forked after
+    Numba's thread pool started."""
     out = np.zeros(g.shape[0])
     if g.size:
-        _embedding(idx, g, out)
+        (_embedding_parallel if parallel_allowed() else _embedding_serial)(idx, g, out)
     return out
 
 
 @njit(cache=True, parallel=True)
-def _rows_sumsq(x, out):
+def _rows_sumsq_parallel(x, out):
     for i in prange(x.shape[0]):
         out[i] += sumsq_cpu(x[i])
 
 
+@njit(cache=True)
+def _rows_sumsq_serial(x, out):
+    for i in range(x.shape[0]):
+        out[i] += sumsq_cpu(x[i])
+
+
 def add_per_example_sq_norms(x, out):
-    """``out[i] += ‖x[i]‖²`` (float64) for a C-contiguous ``(B, n)`` array ``x``."""
+    """``out[i] += ‖x[i]‖²`` (float64) for a C-contiguous ``(B, n)`` array ``x``; serial in
+    a child forked after Numba's thread pool started."""
     if x.size:
-        _rows_sumsq(x, out)
+        (_rows_sumsq_parallel if parallel_allowed() else _rows_sumsq_serial)(x, out)

@@ -42,10 +42,10 @@ from numba.extending import overload
 
 from .cpu import (
     FAST,
-    PARALLEL_MIN,
     _chunks,
     _f64_bits,
     _f64_from_bits,
+    _in_parallel,
     _narrow,
     _times,
     _voidptr,
@@ -399,10 +399,10 @@ def _normals_parallel(out, first_draw, kind, key):
 
 def normals_cpu(out, first_draw, kind, key):
     """Draws ``first_draw .. first_draw + out.size - 1`` of a stream into ``out`` (float64)."""
-    if out.size < PARALLEL_MIN:
-        _normals_serial(out, first_draw, kind, key)
-    else:
+    if _in_parallel(out.size):
         _parallel(_normals_parallel, out, first_draw, kind, key)
+    else:
+        _normals_serial(out, first_draw, kind, key)
 
 
 # ------------------------------------------------------------ element types
@@ -604,7 +604,7 @@ def weighted_sum_table(rows, base, factors, std, divisor, kind, key, witness):
     leaf, offset, count, step, out_addr, draw = rows
     reads = int(count.sum()) * max(1, base.shape[0])
     args = (leaf, offset, count, step, out_addr, draw, base, factors, float(std), float(divisor), kind, key, witness)
-    if reads >= PARALLEL_MIN:
+    if _in_parallel(reads):
         _parallel(_sum_parallel, *args)
     else:
         _sum_serial(*args)
@@ -667,7 +667,7 @@ def cell_sumsq_table(rows, base, out, witness):
     22.6 ms. The chunks' partial sums are added in chunk order."""
     leaf, offset, count, step = rows
     args = (leaf, offset, count, step, base, out, witness)
-    if int(count.sum()) * max(1, base.shape[0]) >= PARALLEL_MIN:
+    if _in_parallel(int(count.sum()) * max(1, base.shape[0])):
         _parallel(_sumsq_parallel, *args)
     else:
         _sumsq_serial(*args)
@@ -707,7 +707,7 @@ def add_noise_table(table, draw, std, kind, key):
     """Add ``std`` times draws to every element of ``table`` (a ``_table.Table``) in place;
     ``draw`` (int64, one per row) is the draw of each row's first real number."""
     args = (table.addr, table.count, table.step, draw, float(std), kind, key, table.witness)
-    if table.size >= PARALLEL_MIN:
+    if _in_parallel(table.size):
         _parallel(_noise_parallel, *args)
     else:
         _noise_serial(*args)

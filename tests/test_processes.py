@@ -26,15 +26,29 @@ import pytest
 
 import gradclip as gc
 from gradclip._kernels import cpu as kernels
-from helpers import DTYPES, assert_norm_close, assert_norms_close, assert_same_bits, in_background, random_values
+from helpers import (
+    DTYPES,
+    assert_dense_close,
+    assert_norm_close,
+    assert_norms_close,
+    assert_rounded_once,
+    assert_same_bits,
+    dense_inputs,
+    in_background,
+    random_values,
+)
 from reference import (
     is_complex,
     ref_all_finite,
     ref_clamp,
     ref_clip_by_norm,
+    ref_clip_factor,
+    ref_embedding_sq_norms,
+    ref_example_norms,
     ref_layer_norms,
     ref_nonfinite_mask,
     ref_norm,
+    ref_weighted_sum,
     round_to,
     widen,
 )
@@ -301,6 +315,60 @@ def _pool_started():
     return True
 
 
+DENSE_SHAPES = {"rows": (8, None, 24, 12), "gram": (8, 6, 24, 12), "direct": (8, 40, 24, 12)}
+"""A dense layer's (B, T, d_in, d_out) for each route `dense_sq_norms` takes (T None: no sequence)."""
+
+
+def _per_example_inputs():
+    """Parallel-sized inputs of private training and ghost norms (the same at every call)."""
+    rng = np.random.default_rng(7)
+    stacked = [rng.standard_normal((16, 6000)).astype(np.float32), rng.standard_normal((16, 30, 20))]
+    dense = {route: dense_inputs(rng, shape) for route, shape in DENSE_SHAPES.items()}
+    return stacked, dense, rng.integers(0, 9, (8, 40))
+
+
+def per_example_results():
+    """Every per-example function (SPEC §9 and the ghost norms) on `_per_example_inputs`, by
+    name; the parallel kernels run unless this process was forked after its pool started."""
+    stacked, dense, idx = _per_example_inputs()
+    noised = np.zeros(1 << 17)
+    gc.add_noise_([noised], 1.0, gc.GaussianNoise(seed=5))
+    total, _ = gc.clipped_sum(stacked, 1.0)
+    return {
+        "per_example_norms": gc.per_example_norms(stacked),
+        **{f"clipped_sum[{k}]": leaf for k, leaf in enumerate(total)},
+        "add_noise_": noised,
+        "standard_normal": gc.GaussianNoise(seed=5).standard_normal(noised.size),
+        **{f"dense_sq_norms {route}": gc.dense_sq_norms(a, g, bias=True) for route, (a, g) in dense.items()},
+        "embedding_sq_norms": gc.embedding_sq_norms(idx, dense["direct"][1]),
+        "sq_norms_from_per_example": gc.sq_norms_from_per_example(stacked),
+    }
+
+
+def check_per_example(results):
+    """`per_example_results` against the references."""
+    stacked, dense, idx = _per_example_inputs()
+    norms = ref_example_norms([[leaf[i] for leaf in stacked] for i in range(16)])
+    assert_norms_close(results["per_example_norms"], norms, what="per_example_norms")
+    factors = [ref_clip_factor(n, 1.0, 1e-6) for n in norms]
+    for k, leaf in enumerate(stacked):
+        exact, scale = ref_weighted_sum(list(leaf), factors)
+        assert_rounded_once(results[f"clipped_sum[{k}]"], exact, scale, 18, what=f"clipped_sum[{k}]")
+    assert results["add_noise_"].tobytes() == results["standard_normal"].tobytes(), "add_noise_"
+    assert abs(results["add_noise_"].std() - 1.0) < 0.01
+    for route, (a, g) in dense.items():
+        assert_dense_close(results[f"dense_sq_norms {route}"], a, g, True)
+    expected = ref_embedding_sq_norms(idx, dense["direct"][1])
+    np.testing.assert_allclose(results["embedding_sq_norms"], expected, rtol=1e-12)
+    assert_norms_close(results["sq_norms_from_per_example"], norms**2, what="sq_norms_from_per_example")
+
+
+def _same_per_example_results(expected):
+    """`per_example_results` here equal ``expected`` bit for bit (the parent's, made in parallel)."""
+    for name, value in per_example_results().items():
+        assert value.tobytes() == expected[name].tobytes(), f"{name} differs from the parent's"
+
+
 def forks():
     """Children forked before and after this process started Numba's thread pool."""
     assert not _pool_started()
@@ -312,7 +380,10 @@ def forks():
     assert _in_child(starts_its_own_pool) == 0, "a child forked before the pool started"
     check(FORK_GROUPS)  # the parallel kernels run here: the pool starts
     assert _pool_started()
+    expected = per_example_results()
+    check_per_example(expected)
     assert _in_child(lambda: check(FORK_GROUPS)) == 0, "a child forked after the pool started"
+    assert _in_child(lambda: _same_per_example_results(expected)) == 0, "per-example functions in a forked child"
     with multiprocessing.get_context("fork").Pool(2) as pool:
         done = pool.map_async(_check_one, FORK_GROUPS * 2).get(timeout=PROCESS_TIMEOUT // 2)
     assert done == FORK_GROUPS * 2
