@@ -255,9 +255,9 @@ def _dense_gram_parallel(a, g, threads, out):
 
 
 @njit(cache=True)
-def _dense_gram_serial(a, g, threads, out):
-    """`_dense_gram_parallel` by one worker (``threads`` is 1)."""
-    m, xa, xg, y, aa, gg, partial, owner = _gram_setup(a, g, threads)
+def _dense_gram_serial(a, g, out):
+    """`_dense_gram_parallel` by one worker."""
+    m, xa, xg, y, aa, gg, partial, owner = _gram_setup(a, g, 1)
     _gram_worker(0, a, g, m, xa, xg, y, aa, gg, partial, owner)
     _fold(partial, m, out)
 
@@ -296,10 +296,10 @@ def _dense_direct_parallel(a, g, threads, out):
 
 
 @njit(cache=True)
-def _dense_direct_serial(a, g, threads, out):
-    """`_dense_direct_parallel` by one worker (``threads`` is 1)."""
-    m, x, y, tiles, column, partial = _direct_setup(a, g, threads)
-    _direct_worker(0, threads, a, g, m, x, y, tiles, column, partial)
+def _dense_direct_serial(a, g, out):
+    """`_dense_direct_parallel` by one worker."""
+    m, x, y, tiles, column, partial = _direct_setup(a, g, 1)
+    _direct_worker(0, 1, a, g, m, x, y, tiles, column, partial)
     _fold(partial, m, out)
 
 
@@ -357,7 +357,7 @@ def dense_sq_norms(a, g, bias, gram):
         elif parallel:
             (_dense_gram_parallel if gram else _dense_direct_parallel)(a, g, numba.get_num_threads(), out)
         else:
-            (_dense_gram_serial if gram else _dense_direct_serial)(a, g, 1, out)
+            (_dense_gram_serial if gram else _dense_direct_serial)(a, g, out)
     return out[:, 0] + out[:, 1] if bias else out[:, 0].copy()
 
 
