@@ -357,7 +357,10 @@ def test_clip_to_zero_and_infinite_bounds(rng):
 def test_the_same_bits_for_any_thread_count(rng):
     threads = numba.config.NUMBA_NUM_THREADS
     assert threads >= 2, "needs NUMBA_NUM_THREADS >= 2"
-    g = [rng.standard_normal((8, 300, 500)).astype(np.float32), rng.standard_normal((8, 70_001))]
+    # B = 9: the sums of squares' last quad has one example; the strided leaf is read
+    # one example at a time.
+    strided = rng.standard_normal((9, 400, 300)).astype(np.float32)[:, ::2, ::3]
+    g = [rng.standard_normal((9, 300, 500)).astype(np.float32), rng.standard_normal((9, 70_001)), strided]
     results = []
     for n in (1, threads, 1):
         numba.set_num_threads(n)
