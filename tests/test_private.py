@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
+from gradclip._kernels import cpu as cpu_kernels
 from helpers import (
     LAYOUTS,
     NORM_TYPES,
@@ -354,24 +355,31 @@ def test_clip_to_zero_and_infinite_bounds(rng):
     assert stats.clipped == 0
 
 
-def test_the_same_bits_for_any_thread_count(rng):
+def test_the_same_bits_for_any_thread_count(rng, monkeypatch):
+    """The parallel kernels at one thread and at all of them, and the serial ones."""
     threads = numba.config.NUMBA_NUM_THREADS
     assert threads >= 2, "needs NUMBA_NUM_THREADS >= 2"
     # B = 9: the sums of squares' last quad has one example; the strided leaf is read
     # one example at a time.
     strided = rng.standard_normal((9, 400, 300)).astype(np.float32)[:, ::2, ::3]
     g = [rng.standard_normal((9, 300, 500)).astype(np.float32), rng.standard_normal((9, 70_001)), strided]
+
+    def bits():
+        total, stats = gc.clipped_sum(g, 20.0, noise_multiplier=1.0, noise=gc.GaussianNoise(seed=4))
+        noised = [x.copy() for x in total]
+        gc.add_noise_(noised, 0.5, gc.GaussianNoise(seed=5))
+        return [*(x.tobytes() for x in (*total, *noised)), stats.norms.tobytes()]
+
     results = []
     for n in (1, threads, 1):
         numba.set_num_threads(n)
         try:
-            total, stats = gc.clipped_sum(g, 20.0, noise_multiplier=1.0, noise=gc.GaussianNoise(seed=4))
-            noised = [x.copy() for x in total]
-            gc.add_noise_(noised, 0.5, gc.GaussianNoise(seed=5))
-            results.append([*(x.tobytes() for x in (*total, *noised)), stats.norms.tobytes()])
+            results.append(bits())
         finally:
             numba.set_num_threads(threads)
-    assert results[0] == results[1] == results[2]
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN", 1 << 62)
+    results.append(bits())
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 def test_results_in_the_callers_framework(rng):
