@@ -670,10 +670,11 @@ def cell_sumsq_table(rows, base, out, witness):
     ``rows = (leaf, offset, count, step)`` of the leaves of ``witness``'s type laid out
     as for `weighted_sum_table`. Four examples are read per pass: the general norm kernel,
     one run at a time, took 29.5 ms of one core on WD3 (100 clients x 1.2M float32), this
-    22.6 ms. A task is one chunk of four examples, and the threads take the chunks of one
-    four before the next: one task a chunk of all the examples read 32 KiB runs from
-    each of B examples in turn, and WD2's norms (a 784-128-10 MLP, B = 1,024) took
-    1.1-1.3x as long. The chunks' partial sums are added in chunk order."""
+    22.6 ms. A task is one chunk of four examples, and the tasks go quad after quad, so
+    the threads read on along the same four examples. With a task per chunk of all the
+    examples (a thread reading 32 KiB from each of B examples in turn), WD2's norms (a
+    784-128-10 MLP, B = 1,024) took 1.1-1.3x as long. The chunks' partial sums are added
+    in chunk order."""
     leaf, offset, count, step = rows
     args = (leaf, offset, count, step, base, out, witness)
     if _in_parallel(int(count.sum()) * max(1, base.shape[0])):
