@@ -515,10 +515,10 @@ def _parallel(driver, *args):
     """Run a parallel driver with its chunks handed out one at a time.
 
     Numba's default splits the iterations into one equal run per thread. The sum's chunks
-    are few and uneven (16 on the 784-128-10 MLP, 13 of them long), and a thread that
+    are few and uneven (28 on the 784-128-10 MLP, 24 of them full), and a thread that
     waits for a busy core then holds back all of its run; one at a time, only one chunk.
-    Measured on that MLP, B = 1024: 114 -> 97 ms (median, loaded machine). The setting
-    costs ~7 us, so the serial drivers go without it.
+    Measured on that MLP, B = 1024, with 16 chunks: 114 -> 97 ms (median, loaded
+    machine). The setting costs ~7 us, so the serial drivers go without it.
     """
     with numba.parallel_chunksize(1):
         return driver(*args)
