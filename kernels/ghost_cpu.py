@@ -9,7 +9,7 @@ per-example batch is a C-contiguous ``(B, n)`` array. Results go to a float64 ``
 Dense layers, example ``i`` with ``A = a[i]``, ``G = g[i]`` and weight gradient ``GᵀA``:
 
 - the *Gram route* sums ``(a_t·a_s)(g_t·g_s)`` over ``t, s`` from tiles of the two
-  T x T Gram matrices, ``BLOCK`` x ``BLOCK``, upper triangle only (a tile, or a 3 x 3
+  T x T Gram matrices, ``BLOCK`` x ``BLOCK``, upper triangle only (a tile, or a 6 x 6
   block of a diagonal tile, off the diagonal counts twice); cost
   ``T²(d_in + d_out) / 2`` multiply-adds. A work item is a block of T rows against the
   blocks after it;
@@ -17,10 +17,9 @@ Dense layers, example ``i`` with ``A = a[i]``, ``G = g[i]`` and weight gradient 
   input columns and sums their squares; cost ``T·d_in·d_out``. A work item is a block
   of output rows against every input column.
 
-Tiles are made by `_dots` (`_triangle_dots` on the diagonal) from operands packed to
-float64 in chunks of ``KC`` along the summed axis (features for the Gram route, T for
-the direct one), so an item's scratch is about a megabyte whatever T is (one set per
-thread, made once per call).
+Tiles are made by `_dots` from operands packed to float64 in chunks of ``KC`` along
+the summed axis (features for the Gram route, T for the direct one), so an item's
+scratch is about a megabyte whatever T is (one set per thread, made once per call).
 Items are dealt to the threads (the Gram route's by cost, `_gram_owners`; the direct
 route's, all alike, round-robin); each writes its own partial, and the partials of an
 example are folded in item order: results are bit-identical for any thread count. Products and sums are float64 (float32 products are exact in float64);
@@ -33,12 +32,9 @@ from numba import njit, prange
 
 from .cpu import FAST, _widen, parallel_allowed, sumsq_cpu
 
-MR = 3
-"""Rows and columns of `_triangle_dots`' register block."""
-
 ROWS = 6
 """Rows of `_dots`' register block (its columns: 2); packed operands have a multiple of
-ROWS rows (and so of MR)."""
+ROWS rows."""
 
 BLOCK = 84
 """Rows of a packed operand (T rows for the Gram route, features for the direct route)."""
@@ -52,15 +48,16 @@ KC = 320
 
 
 @njit(fastmath=FAST, cache=True)
-def _dots(x, y, k, out):
+def _dots(x, y, k, out, upper):
     """``out[p, q] += x[p, :k] · y[q, :k]`` for float64 ``x`` (P, KC) and ``y`` (Q, KC), P a
     multiple of 6 and Q of 2: twelve dot products at a time, each ``y`` element loaded once
     for six. The twelve sums, two ``y`` and one ``x`` value fill 15 of AVX2's 16 vector
     registers. On two 84 x 320 operands, one core: 45 GFLOP/s, against 39-43 for 3 x 3
     and 44 for 4 x 3; blocks that need more registers (3 x 4, 2 x 6, 7 x 2, 6 x 3, 4 x 4)
-    ran at 19-28."""
+    ran at 19-28. ``upper``: ``y`` is ``x``, and only the blocks from each 6 x 6 block on
+    the diagonal rightwards are made (the others are not written)."""
     for p in range(0, x.shape[0], ROWS):
-        for q in range(0, y.shape[0], 2):
+        for q in range(p if upper else 0, y.shape[0], 2):
             s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = 0.0
             for j in range(k):
                 y0, y1 = y[q, j], y[q + 1, j]
@@ -90,36 +87,6 @@ def _dots(x, y, k, out):
             out[p + 4, q + 1] += s41
             out[p + 5, q] += s50
             out[p + 5, q + 1] += s51
-
-
-@njit(fastmath=FAST, cache=True)
-def _triangle_dots(x, k, out):
-    """``out[p, q] += x[p, :k] · x[q, :k]`` for the 3 x 3 blocks on and above the diagonal
-    (the others are not written): nine dot products at a time."""
-    for p in range(0, x.shape[0], MR):
-        for q in range(p, x.shape[0], MR):
-            s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = 0.0
-            for j in range(k):
-                x0, x1, x2 = x[p, j], x[p + 1, j], x[p + 2, j]
-                y0, y1, y2 = x[q, j], x[q + 1, j], x[q + 2, j]
-                s00 += x0 * y0
-                s01 += x0 * y1
-                s02 += x0 * y2
-                s10 += x1 * y0
-                s11 += x1 * y1
-                s12 += x1 * y2
-                s20 += x2 * y0
-                s21 += x2 * y1
-                s22 += x2 * y2
-            out[p, q] += s00
-            out[p, q + 1] += s01
-            out[p, q + 2] += s02
-            out[p + 1, q] += s10
-            out[p + 1, q + 1] += s11
-            out[p + 1, q + 2] += s12
-            out[p + 2, q] += s20
-            out[p + 2, q + 1] += s21
-            out[p + 2, q + 2] += s22
 
 
 @njit(fastmath=FAST, cache=True)
@@ -164,16 +131,17 @@ def _pack_block(src, i, t0, n, out):
 def _gram_tile(x, src, i, s0, ns, y, out):
     """``out[p, q] = x_p · src[i, s0 + q]``: ``x`` a row block packed by `_pack_block`, the
     other block packed chunk by chunk into ``y``; ``x`` itself where ``y`` is None, and
-    then only the 3 x 3 blocks on and above the diagonal (the others stay 0)."""
+    then only the blocks from each 6 x 6 block on the diagonal rightwards (the others
+    stay 0)."""
     out[:] = 0.0
     d = src.shape[2]
     for c in range(x.shape[0]):
         k = min(KC, d - c * KC)
         if y is None:
-            _triangle_dots(x[c], k, out)
+            _dots(x[c], x[c], k, out, True)
         else:
             _pack_rows(src, i, s0, ns, c * KC, k, y)
-            _dots(x[c], y, k, out)
+            _dots(x[c], y, k, out, False)
 
 
 @njit(cache=True)
@@ -204,8 +172,8 @@ def _gram_item(a, g, i, tb, blocks, xa, xg, y, aa, gg):
         b = 0.0
         for p in range(rows):
             for q in range(rows):
-                # an entry off the diagonal 3 x 3 blocks stands for its mirror image too
-                twice = 1.0 if sb == tb and p // MR == q // MR else 2.0
+                # an entry off the diagonal 6 x 6 blocks stands for its mirror image too
+                twice = 1.0 if sb == tb and p // ROWS == q // ROWS else 2.0
                 w += twice * aa[p, q] * gg[p, q]
                 b += twice * gg[p, q]
         weight += w
@@ -237,7 +205,7 @@ def _direct_item(a, g, i, ob, x, y, tiles, column):
             ni = min(rows_in, d_in - i0)
             y[ni:] = 0.0
             _pack_columns(a, i, i0, ni, k0, k, y)
-            _dots(x, y, k, tiles[ib])
+            _dots(x, y, k, tiles[ib], False)
     weight = 0.0
     for ib in range(tiles.shape[0]):
         for p in range(rows_out):
