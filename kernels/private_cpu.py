@@ -69,7 +69,7 @@ window cost 1% (Philox) to 3% (ChaCha20) of the noise's time."""
 SUM_CHUNK = 4096
 """Elements per chunk of a sum: a float64 accumulator of 32 KiB, and runs of 16 KiB
 (float32) read from each example. Twice as long, WD2 (a 784-128-10 MLP, B = 1,024)
-took 5% longer; WD1 (ResNet-18, B = 32) and WD3 (100 clients) the same."""
+took 4-5% longer; WD1 (ResNet-18, B = 32) and WD3 (100 clients) within 2%."""
 
 NORM_CHUNK = 8192
 """Elements per chunk of the per-example sums of squares (runs of 32 KiB of float32).
