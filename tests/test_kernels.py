@@ -13,7 +13,7 @@ import gradclip as gc
 from gradclip import _cpu, _table
 from gradclip._kernels import cpu as kernels
 from helpers import DTYPES, REAL_DTYPES, assert_same_bits, dtype_id, random_values
-from reference import BFLOAT16, ref_clamp, ref_nonfinite_mask, ref_scale, round_to
+from reference import BFLOAT16, parts_f64, ref_clamp, ref_nonfinite_mask, ref_scale, round_to
 
 ALL_16_BIT_PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
@@ -52,6 +52,55 @@ def test_bfloat16_sums_of_squares_read_in_pairs_at_any_alignment(size, rng):
             poked = shifted.copy()
             poked[position] = special
             assert check(kernels.sumsq_cpu(poked.view(np.int16))), (position, special)
+
+
+STREAM_SIZES = [kernels.STREAMS_MIN + r for r in range(-1, 4)] + [kernels.CHUNK]
+
+
+def _codes(values):
+    """``values`` as the kernels read them: 16-bit floats as their bit patterns."""
+    if values.dtype == np.float16:
+        return values.view(np.uint16)
+    return values.view(np.int16) if values.dtype == BFLOAT16 else values
+
+
+@pytest.mark.parametrize("size", STREAM_SIZES)
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != BFLOAT16], ids=dtype_id)
+def test_long_sums_of_squares_read_as_four_streams(dtype, size, rng):
+    """From STREAMS_MIN elements on, a contiguous view is summed as four quarters side
+    by side and a tail of 0 to 3 elements: the fsum reference at every tail length, and
+    inf / NaN at the start of each quarter and at the end reach the sum."""
+    values = random_values(size, dtype, rng, scale=1e3)
+    expected = math.fsum(float(x) ** 2 for part in parts_f64(values) for x in part)
+    assert kernels.sumsq_cpu(_codes(values)) == pytest.approx(expected, rel=1e-13, abs=0.0)
+    quarter = size // 4
+    for position in (0, quarter, 2 * quarter, 3 * quarter, size - 1):
+        for special, check in ((np.inf, math.isinf), (np.nan, math.isnan)):
+            poked = values.copy()
+            poked[position] = special
+            assert check(kernels.sumsq_cpu(_codes(poked))), (position, special)
+
+
+@pytest.mark.parametrize("size", STREAM_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_long_finiteness_checks_read_as_four_streams(dtype, size, rng):
+    """The non-finite count of a long view (four quarters side by side and a tail)
+    equals the reference's, with NaN / inf scattered and at each quarter's start and
+    the end; `all_finite` sees one of them anywhere, contiguous or strided."""
+    values = random_values(size, dtype, rng)
+    quarter = size // 4
+    edges = [0, quarter, 2 * quarter, 3 * quarter, size - 1]
+    scattered = values.copy()
+    scattered[rng.choice(size, 20, replace=False)] = np.nan
+    scattered[edges] = np.inf
+    expected = int(ref_nonfinite_mask(scattered).sum())
+    assert kernels._nonfinite_quarters(_codes(scattered)) == expected
+    assert gc.all_finite([values])
+    for position in edges:
+        poked = values.copy()
+        poked[position] = np.nan
+        strided = np.repeat(poked, 2)[::2]
+        assert not gc.all_finite([poked]) and not gc.all_finite([strided]), position
 
 
 HALF_DTYPES = pytest.mark.parametrize("half_dtype", [np.dtype(np.float16), BFLOAT16], ids=dtype_id)
