@@ -2,10 +2,10 @@
 
 One contiguous float32 buffer of the workload's total bytes is processed by a
 two-pass Numba kernel, the least work a global-norm clip can do: pass 1 sums
-the squares in float64 (reads every byte), pass 2 scales in place (reads and
-writes every byte). Both split the buffer into ``BLOCKS`` blocks under
-``prange`` (each block runs a serial, vectorised loop); ``np.copyto`` between
-two such buffers is a second read+write reference.
+the squares in float64 (reads every byte, each block as four streams), pass 2
+scales in place (reads and writes every byte). Both split the buffer into
+``BLOCKS`` blocks under ``prange`` (each block runs a serial, vectorised loop);
+``np.copyto`` between two such buffers is a second read+write reference.
 
 Each pass is timed with all of Numba's threads and with one thread, and the
 faster median is the limit. On a quiet machine that is the parallel run; on a
@@ -28,11 +28,21 @@ FAST = {"reassoc", "contract"}
 
 @njit(fastmath=FAST, cache=True)
 def block_sum_of_squares(block):
-    total = 0.0
-    for i in range(block.size):
+    """The block's four quarters side by side, as gradclip's norm kernels read: on an
+    Intel Xeon (Emerald Rapids) a core read 1.2-1.3x faster so than as one stream."""
+    q = block.size // 4
+    s0 = s1 = s2 = s3 = 0.0
+    for i in range(q):
+        x0, x1 = np.float64(block[i]), np.float64(block[q + i])
+        x2, x3 = np.float64(block[2 * q + i]), np.float64(block[3 * q + i])
+        s0 += x0 * x0
+        s1 += x1 * x1
+        s2 += x2 * x2
+        s3 += x3 * x3
+    for i in range(4 * q, block.size):
         x = np.float64(block[i])
-        total += x * x
-    return total
+        s0 += x * x
+    return (s0 + s1) + (s2 + s3)
 
 
 @njit(fastmath=FAST, cache=True)
