@@ -535,14 +535,45 @@ def clamp_cpu_(v, bound):
     `CLAMP_BLOCK` elements with nothing to clamp is not written; a block with
     something to clamp is rewritten whole, the other elements with their own bits:
     unlike a store per clamped element, that store vectorises without masked stores.
+    A contiguous view of STREAMS_MIN elements or more is checked four blocks at a
+    time, one from each quarter (see `_sumsq_quarters`).
     """
     hi = _narrow(bound, v)
     lo = _narrow(-bound, v)
-    for start in range(0, v.size, CLAMP_BLOCK):
+    done = 0
+    if v.size >= STREAMS_MIN and v.flags.c_contiguous:
+        q = v.size // 4
+        for start in range(0, q, CLAMP_BLOCK):
+            n = min(CLAMP_BLOCK, q - start)
+            a, b = v[start : start + n], v[q + start : q + start + n]
+            c, d = v[2 * q + start : 2 * q + start + n], v[3 * q + start : 3 * q + start + n]
+            beyond = _beyond4(a, b, c, d, hi)
+            for block, dirty in ((a, beyond[0]), (b, beyond[1]), (c, beyond[2]), (d, beyond[3])):
+                if dirty:
+                    _clamp_block(block, hi, lo)
+        done = 4 * q
+    for start in range(done, v.size, CLAMP_BLOCK):
         block = v[start : start + CLAMP_BLOCK]
         if _any_beyond(block, hi):
-            for i in range(block.size):
-                block[i] = _clamped(block[i], hi, lo)
+            _clamp_block(block, hi, lo)
+
+
+@njit(inline="always")
+def _clamp_block(block, hi, lo):
+    for i in range(block.size):
+        block[i] = _clamped(block[i], hi, lo)
+
+
+@njit
+def _beyond4(a, b, c, d, hi):
+    """`_any_beyond` of four blocks of one length, read side by side."""
+    ba = bb = bc = bd = False
+    for i in range(a.size):
+        ba |= _beyond(a[i], hi)
+        bb |= _beyond(b[i], hi)
+        bc |= _beyond(c[i], hi)
+        bd |= _beyond(d[i], hi)
+    return ba, bb, bc, bd
 
 
 @njit

@@ -296,6 +296,29 @@ def test_clamp_blocks_keep_every_other_bit(dtype):
     assert_same_bits(values, expected, nan_payload=True)
 
 
+@pytest.mark.parametrize("size", STREAM_SIZES)
+@pytest.mark.parametrize("dtype", REAL_DTYPES, ids=dtype_id)
+def test_long_clamps_check_four_blocks_at_once(dtype, size, rng):
+    """A long contiguous view is checked a block from each quarter at a time: elements
+    beyond the bound at each quarter's edges and in the tail are clamped, every other
+    element keeps its bits (a NaN payload, -0.0), in dirty and clean blocks alike."""
+    values = rng.uniform(-0.9, 0.9, size).astype(dtype)
+    bits = values.view(f"u{values.itemsize}")
+    quarter = size // 4
+    for k in range(4):
+        bits[k * quarter + 3] = np.array([np.nan], dtype).view(bits.dtype)[0] | 1
+        values[k * quarter + 4] = -0.0
+    expected = values.copy()
+    for i in (0, quarter - 1, quarter, 3 * quarter, 4 * quarter - 1, size - 1):
+        values[i] = 5.0 if i % 2 else -5.0
+        expected[i] = 1.0 if i % 2 else -1.0
+    gc.clip_grad_value_(values, 1.0)
+    assert_same_bits(values, expected, nan_payload=True)
+    untouched = values.copy()
+    gc.clip_grad_value_(values, 1.0)  # nothing left to clamp
+    assert_same_bits(values, untouched, nan_payload=True)
+
+
 def test_object_addresses_are_their_ids():
     """The header readers take every object's address from a list's own item pointers,
     or from an object array of them; a list that grew, shrank or was emptied is read as
