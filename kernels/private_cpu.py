@@ -51,6 +51,7 @@ from .cpu import (
     _voidptr,
     _widen,
     fold_norms,
+    sumsq4_cpu,
     sumsq_cpu,
 )
 
@@ -475,19 +476,6 @@ def axpy4_cpu(acc, f0, v0, f1, v1, f2, v2, f3, v3):
         near = _times(_widen(v0[e]), f0) + _times(_widen(v1[e]), f1)
         far = _times(_widen(v2[e]), f2) + _times(_widen(v3[e]), f3)
         acc[e] += near + far
-
-
-@njit(fastmath=FAST, error_model="numpy", cache=True)
-def sumsq4_cpu(v0, v1, v2, v3):
-    """The sums of |x|**2 of four examples' runs in float64, read in one pass."""
-    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
-    for e in range(v0.size):
-        x0, x1, x2, x3 = _widen(v0[e]), _widen(v1[e]), _widen(v2[e]), _widen(v3[e])
-        s0 += x0.real * x0.real + x0.imag * x0.imag
-        s1 += x1.real * x1.real + x1.imag * x1.imag
-        s2 += x2.real * x2.real + x2.imag * x2.imag
-        s3 += x3.real * x3.real + x3.imag * x3.imag
-    return s0, s1, s2, s3
 
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
