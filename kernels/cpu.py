@@ -696,6 +696,8 @@ def _reduce_chunk(op, v, p, scale):
         return sumpow_cpu(v, p, scale)
     if op == MAXABS:
         return maxabs_cpu(v)
+    # Chosen here rather than inside nonfinite_cpu (as `_sumsq` does for sums): there the
+    # branch cost W4's 10,000 leaves of 256 5-7%, here nothing measurable.
     return np.float64(nonfinite_cpu(v) if v.size < STREAMS_MIN else _nonfinite_quarters(v))
 
 
